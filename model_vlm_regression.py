@@ -1,0 +1,76 @@
+"""
+Qwen3-VL + LoRA + two regression heads that read the hidden states of the prompt tokens <x> and <y>.
+
+    python model_vlm_regression.py --model_name Qwen/Qwen3-VL-4B-Thinking --summary   # no weights downloaded
+    python model_vlm_regression.py --model_name tiny --summary
+    python model_vlm_regression.py --model_name tiny --smoke                        # one forward/backward pass
+
+--model_name is a hub id, a local folder, or `tiny`: a random-init Qwen3-VL built offline in seconds (see
+build_tiny_model) that exercises the same code path as the real model.
+"""
+
+import functools
+
+import inflect
+
+X_TOKEN, Y_TOKEN = "<x>", "<y>"
+DEFAULT_MODEL = "Qwen/Qwen3-VL-4B-Thinking"
+
+# Rule 3 of the prompt must state the order the targets were produced in (dataset.order_points).
+ORDERING_RULES = {
+    "reading_order": "Count systematically from top-to-bottom, left-to-right",
+    "left_to_right": "Count systematically from left-to-right, top-to-bottom",
+    "nearest_neighbor": "Count systematically from the top-left object, always moving to the nearest unmarked object",
+}
+
+# -----------------------------------------------------------------------------
+# The prompt (one source of truth: dataset collate, training and evaluation all call build_messages)
+
+
+@functools.lru_cache(maxsize=4096)
+def object_names(object_type):
+    """(singular, plural) of an object type name given in either form: 'eggs' -> ('egg', 'eggs')."""
+    engine = _inflect_engine()
+    name = " ".join(object_type.strip().split())
+    singular = engine.singular_noun(name)
+    # singular_noun returns False for a word already singular; a round trip guards against 'bus' -> 'bu'
+    if singular and engine.plural_noun(singular) == name and not name.endswith(("ss", "us")):
+        return singular, name
+    return name, engine.plural_noun(name)
+
+
+@functools.lru_cache(maxsize=1)
+def _inflect_engine():
+    return inflect.engine()
+
+
+def prompt_text(object_type, num_marked, ordering="reading_order"):
+    """(system text, user text after the image) of the counting prompt."""
+    singular, plural = object_names(object_type)
+    marked = f"{num_marked} object is" if num_marked == 1 else f"{num_marked} objects are"
+    system = f"You are a vision assistant that locates {plural} in images systematically."
+    user = (
+        f"Count the {plural} in this image. {marked} already marked with numbered labels.\n\n"
+        f"Task: Predict the (x, y) location of the next unmarked {singular}.\n\n"
+        "Rules:\n"
+        "1. Output x, y as normalized coordinates in [-1, 1]\n"
+        f"2. If all {plural} are marked, output x=-1, y=-1\n"
+        f"3. {ORDERING_RULES[ordering]}\n\n"
+        f"Next location: {X_TOKEN} {Y_TOKEN}"
+    )
+    return system, user
+
+
+def build_messages(object_type, num_marked, ordering="reading_order"):
+    """Chat messages for one sample; the image itself is passed to the processor separately."""
+    system, user = prompt_text(object_type, num_marked, ordering)
+    return [
+        {"role": "system", "content": [{"type": "text", "text": system}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user}]},
+    ]
+
+
+def render_prompt(processor, object_type, num_marked, ordering="reading_order"):
+    """The prompt string as the model's chat template renders it (image placeholder included).
+    No generation prompt: the heads read <x>/<y>, and under causal attention nothing after them matters."""
+    return processor.apply_chat_template(build_messages(object_type, num_marked, ordering), tokenize=False)
