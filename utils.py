@@ -1,0 +1,203 @@
+"""
+Geometry and drawing helpers shared by the data pipeline, training and evaluation. numpy in, numpy out.
+
+Coordinate convention (used everywhere in this repo)
+----------------------------------------------------
+Points are *continuous* pixel coordinates (x, y): x=0 is the left edge of the image and x=W its right edge, so the
+centre of pixel column i is x = i + 0.5 (same for y). This is the convention of COCO boxes and FSC-147 points, and
+it makes resizing exact: a point scales by new_w / W with no half-pixel offsets. Normalized coordinates are
+    u = 2 * x / W - 1,   v = 2 * y / H - 1
+so u=-1 is the left edge, u=+1 the right edge and u=0 the image centre. (-1, -1) doubles as the "all counted" target.
+
+    python utils.py --demo out.png     # writes a marked example image at 224x224, 384x576 and 640x640
+"""
+
+import functools
+
+import cv2
+import numpy as np
+from PIL import Image
+
+# -----------------------------------------------------------------------------
+# coordinates
+
+
+def normalize_points(points, width, height):
+    """Pixel points (N, 2) (continuous convention, see module docstring) -> [-1, 1] float32 (N, 2)."""
+    p = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    scale = np.array([2.0 / width, 2.0 / height])
+    return (p * scale - 1.0).astype(np.float32)
+
+
+def denormalize_points(points, width, height):
+    """[-1, 1] points (N, 2) -> continuous pixel coordinates, float32 (N, 2). Inverse of normalize_points."""
+    p = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    scale = np.array([width / 2.0, height / 2.0])
+    return ((p + 1.0) * scale).astype(np.float32)
+
+
+# -----------------------------------------------------------------------------
+# numbered marks
+
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+_SHIFT = 4  # cv2 fixed-point bits: drawn points sit at sub-pixel positions instead of the nearest pixel
+_FILL = (255, 255, 255)
+_EDGE = (0, 0, 0)
+_TEXT = (0, 0, 0)
+
+
+def mark_radius(width, height):
+    """Disc radius in pixels for an image of this size: ~2% of sqrt(area), at least 8 px so that two digits stay
+    legible on the 224-px images of the tiny model (224 -> 8, 384x576 -> 9, 640x640 -> 13)."""
+    return max(8, int(round(0.02 * np.sqrt(width * height))))
+
+
+@functools.lru_cache(maxsize=64)
+def _label_layout(radius, num_digits):
+    """(font scale, thickness, text width, text height, half-width of the label) for a label of num_digits digits.
+    The font is sized for two digits inside the disc; longer numbers widen the disc into a capsule rather than
+    shrinking the digits below legibility."""
+    (w1, h1), _ = cv2.getTextSize("00", _FONT, 1.0, 1)
+    scale = 1.5 * radius / w1  # two digits fill ~75% of the disc's diameter
+    thickness = max(1, int(round(radius / 8)))
+    (tw, th), _ = cv2.getTextSize("0" * num_digits, _FONT, scale, thickness)
+    half_width = max(radius, tw / 2 + radius * 0.35)
+    return scale, thickness, tw, th, half_width
+
+
+@functools.lru_cache(maxsize=16384)
+def _label_sprite(radius, label):
+    """(rgb uint8 (h, w, 3), mask bool (h, w, 3)) of one label, centred on the sprite's middle pixel.
+    Rendered once with anti-aliasing and cached: text rendering dominates the cost of drawing a label, and the
+    same few thousand labels are drawn again and again during training."""
+    scale, thickness, tw, th, half_width = _label_layout(radius, len(label))
+    hx, hy = int(np.ceil(half_width)) + 1, radius + 1
+    size = (2 * hy + 1, 2 * hx + 1)
+    rgb = np.full(size + (3,), 255, dtype=np.uint8)
+    alpha = np.zeros(size, dtype=np.uint8)
+    rim = max(1, radius // 8)
+    dx = half_width - radius
+    centres = [(hx - dx, hy), (hx + dx, hy)]
+
+    def shape(img, r, colour):  # a disc, or a capsule when dx > 0
+        for cx, cy in centres:
+            cv2.circle(img, (int(round(cx * 16)), cy * 16), int(r * 16), colour, -1, cv2.LINE_AA, 4)
+        if dx > 0:
+            cv2.rectangle(img, (int(round(centres[0][0])), hy - r), (int(round(centres[1][0])), hy + r), colour, -1)
+
+    shape(alpha, radius, 255)
+    shape(rgb, radius, _EDGE)
+    shape(rgb, radius - rim, _FILL)
+    org = (int(round(hx - tw / 2)), int(round(hy + th / 2)))
+    cv2.putText(rgb, label, org, _FONT, scale, _TEXT, thickness, cv2.LINE_AA)
+    # a hard outer edge (alpha >= 50%) lets placement be one masked copy; the digits inside keep their AA
+    rgb.setflags(write=False)
+    # the mask is stored per channel: np.copyto with a broadcast mask is ~4x slower than with a full one
+    mask = np.ascontiguousarray(np.repeat((alpha >= 128)[:, :, None], 3, axis=2))
+    mask.setflags(write=False)
+    return rgb, mask
+
+
+def mark_objects(image, points, start_index=1, radius=None):
+    """Draw numbered labels start_index, start_index+1, ... at the pixel points (N, 2) on a copy of the RGB image.
+
+    Each label is a white disc with a black rim and the number in black (a capsule for 3+ digits); its size scales
+    with the image (mark_radius). Labels are pre-rendered sprites (cached) pasted with one masked copy each into a
+    single numpy copy of the image, so marking k objects costs k small copies, never k whole-image passes. A label
+    is centred on the pixel that contains its point; later labels cover earlier ones where they overlap.
+    """
+    canvas = np.array(image.convert("RGB"))  # the one copy; the caller's image is left untouched
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    h, w = canvas.shape[:2]
+    r = int(radius or mark_radius(w, h))
+    n = len(pts)
+    if n == 0:
+        return Image.fromarray(canvas)
+    sprites = [_label_sprite(r, str(start_index + i)) for i in range(n)]
+    # placement is computed for all labels at once; the loop below only copies (it is the whole cost at k=3000)
+    size = np.array([s[1].shape[:2] for s in sprites])  # (n, 2) sprite (h, w)
+    centres = np.floor(pts).astype(np.int64)  # continuous coords -> index of the pixel holding the point
+    x0, y0 = centres[:, 0] - size[:, 1] // 2, centres[:, 1] - size[:, 0] // 2
+    x1, y1 = x0 + size[:, 1], y0 + size[:, 0]
+    inside = ((x0 >= 0) & (y0 >= 0) & (x1 <= w) & (y1 <= h)).tolist()
+    for i, (rgb, mask), a, b, c, d in zip(range(n), sprites, x0.tolist(), y0.tolist(), x1.tolist(), y1.tolist()):
+        if inside[i]:
+            np.copyto(canvas[b:d, a:c], rgb, where=mask)
+            continue
+        # clip the sprite to the image (labels of objects on the border are cut, not shifted)
+        ax, ay, bx, by = max(a, 0), max(b, 0), min(c, w), min(d, h)
+        if ax < bx and ay < by:
+            sl = np.s_[ay - b : by - b, ax - a : bx - a]
+            np.copyto(canvas[ay:by, ax:bx], rgb[sl], where=mask[sl])
+    return Image.fromarray(canvas)
+
+
+# -----------------------------------------------------------------------------
+# visualisation (W&B, evaluation, dataset previews)
+
+
+def draw_prediction(image, pred_xy, gt_xy=None):
+    """Copy of the image with the predicted point as a red cross and the ground truth as a green circle.
+    Points are continuous pixel coordinates (x, y); either may be None or off-image (then it is not drawn)."""
+    canvas = np.array(image.convert("RGB"))
+    h, w = canvas.shape[:2]
+    size = max(4, int(round(0.015 * np.sqrt(w * h))))
+    thickness = max(2, size // 4)
+
+    def to_fixed(p):
+        x, y = np.asarray(p, dtype=np.float64).reshape(2)
+        return int(round((x - 0.5) * (1 << _SHIFT))), int(round((y - 0.5) * (1 << _SHIFT)))
+
+    if gt_xy is not None:
+        cv2.circle(canvas, to_fixed(gt_xy), (size + thickness) << _SHIFT, (0, 200, 0), thickness, cv2.LINE_AA, _SHIFT)
+    if pred_xy is not None:
+        x, y = to_fixed(pred_xy)
+        d = size << _SHIFT
+        for (ax, ay), (bx, by) in (((x - d, y - d), (x + d, y + d)), ((x - d, y + d), (x + d, y - d))):
+            cv2.line(canvas, (ax, ay), (bx, by), (255, 0, 0), thickness, cv2.LINE_AA, _SHIFT)
+    return Image.fromarray(canvas)
+
+
+def side_by_side(left, right, gap=4):
+    """Two images next to each other on a white background (heights may differ; tops aligned)."""
+    left, right = left.convert("RGB"), right.convert("RGB")
+    out = Image.new("RGB", (left.width + gap + right.width, max(left.height, right.height)), (255, 255, 255))
+    out.paste(left, (0, 0))
+    out.paste(right, (left.width + gap, 0))
+    return out
+
+
+def add_caption(image, text, font_size=None):
+    """The image above a white strip holding `text` (multi-line), for previews whose prompt should be readable."""
+    from PIL import ImageDraw, ImageFont
+
+    font_size = font_size or max(10, image.width // 45)
+    try:
+        font = ImageFont.load_default(size=font_size)
+    except TypeError:  # Pillow without FreeType sizes
+        font = ImageFont.load_default()
+    lines = text.split("\n")
+    line_h = int(font_size * 1.3)
+    out = Image.new("RGB", (image.width, image.height + line_h * len(lines) + 8), (255, 255, 255))
+    out.paste(image.convert("RGB"), (0, 0))
+    draw = ImageDraw.Draw(out)
+    for i, line in enumerate(lines):
+        draw.text((4, image.height + 4 + i * line_h), line, fill=(0, 0, 0), font=font)
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a demo of the numbered marks at several image sizes.")
+    parser.add_argument("--demo", default="marks_demo.png", help="output PNG")
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    panels = []
+    for w, h in ((224, 224), (576, 384), (640, 640)):
+        img = Image.fromarray(rng.integers(60, 200, (h, w, 3), dtype=np.uint8))
+        pts = np.stack([rng.uniform(0, w, 120), rng.uniform(0, h, 120)], 1)
+        panels.append(mark_objects(img, pts[:12 if w == 224 else 120]))
+    out = functools.reduce(side_by_side, panels)
+    out.save(args.demo)
+    print(f"wrote {args.demo}")
