@@ -176,7 +176,10 @@ def add_caption(image, text, font_size=None):
         font = ImageFont.load_default(size=font_size)
     except TypeError:  # Pillow without FreeType sizes
         font = ImageFont.load_default()
-    lines = text.split("\n")
+    import textwrap
+
+    per_line = max(20, int(image.width / (font_size * 0.55)))  # rough glyph width of the default font
+    lines = [w for line in text.split("\n") for w in (textwrap.wrap(line, per_line) or [""])]
     line_h = int(font_size * 1.3)
     out = Image.new("RGB", (image.width, image.height + line_h * len(lines) + 8), (255, 255, 255))
     out.paste(image.convert("RGB"), (0, 0))

@@ -1,0 +1,723 @@
+"""
+Counting data: FSC-147, OmniCount-191 (COCO) and a synthetic default, turned into sequential-counting samples
+(image with the first k objects marked 1..k, target = normalized (x, y) of object k+1). See docs/DATA.md.
+
+    python dataset.py --stats                                             # the embedded synthetic data
+    python dataset.py --dataset fsc147 --data_root data/FSC147 --split val --stats --json
+    python dataset.py --dataset omnicount --data_root data/OmniCount-191 --categories Fruits Supermarket \\
+        --object_types apples --split valid --stats
+    python dataset.py --dataset fsc147 --data_root data/FSC147 --preview 8 --out previews/
+    python dataset.py --make_synthetic --format omnicount --out data/synth_omni --num_images 200
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+import utils
+
+# Qwen3-VL sees 16-px patches merged 2x2, so image sides are multiples of 32 (the processor's smart resize).
+RESIZE_FACTOR = 32
+MIN_PIXELS = 32 * 32 * 4  # the processor's own floor; tiny images are upscaled to at least 2x2 merged tokens
+MAX_PIXELS = 640 * 640  # FSC-147 (384 x ~576) and OmniCount (640x640) keep their size: no detail lost before marking
+ORDERINGS = ("reading_order", "left_to_right", "nearest_neighbor")
+DATASETS = ("synthetic", "fsc147", "omnicount")
+
+
+class DataError(ValueError):
+    """Bad data on disk or bad data arguments; the message is one line naming the file/folder and the problem."""
+
+
+# -----------------------------------------------------------------------------
+# ordering
+
+
+def order_points(points, strategy="reading_order"):
+    """Permutation (int64 indices) that puts the points (N, 2) in counting order.
+
+    reading_order: rows top-to-bottom, left-to-right inside a row. A row starts at the topmost point not yet placed
+        and takes every remaining point whose y is within `band` below it; band = 0.5 x the median nearest-neighbour
+        distance, so the rows follow the objects' own spacing (tiny dense objects -> thin rows, large sparse ones ->
+        tall rows) instead of a fixed pixel band. On a grid with jitter under ~25% of the spacing this recovers the
+        grid's rows exactly.
+    left_to_right: by x, then y.
+    nearest_neighbor: greedy path from the top-left-most point (smallest x + y), always to the nearest unvisited one.
+    Ties always break by y, then x, then input index, so the result is deterministic.
+    """
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    n = len(pts)
+    if strategy not in ORDERINGS:
+        raise ValueError(f"unknown ordering {strategy!r}; choose from {ORDERINGS}")
+    if n <= 1:
+        return np.arange(n, dtype=np.int64)
+    x, y = pts[:, 0], pts[:, 1]
+    idx = np.arange(n)
+    if strategy == "left_to_right":
+        return np.lexsort((idx, y, x)).astype(np.int64)
+    by_y = np.lexsort((idx, x, y))  # the tie-break order for everything below
+    if strategy == "reading_order":
+        band = 0.5 * _median_nn_distance(pts)
+        ys = y[by_y]
+        row = np.empty(n, dtype=np.int64)
+        start, r = 0, 0
+        while start < n:  # one iteration per row, each a binary search: cheap even for 3,731 points
+            end = int(np.searchsorted(ys, ys[start] + band, side="right"))
+            row[start:end] = r
+            start, r = end, r + 1
+        return by_y[np.lexsort((np.arange(n), x[by_y], row))].astype(np.int64)
+    # nearest_neighbor: O(n^2) but each step is one vectorised pass over a shrinking candidate set
+    p = pts[by_y]
+    s = p[:, 0] + p[:, 1]
+    cur = int(np.argmin(s))  # first minimum = topmost among equals
+    remaining = np.ones(n, dtype=bool)
+    remaining[cur] = False
+    cand = np.flatnonzero(remaining)  # kept sorted, so argmin ties go to the top-most, then left-most point
+    out = np.empty(n, dtype=np.int64)
+    out[0] = cur
+    px, py = p[:, 0].copy(), p[:, 1].copy()
+    for step in range(1, n):
+        cx, cy = px[cand], py[cand]
+        d = (cx - px[cur]) ** 2 + (cy - py[cur]) ** 2
+        j = int(np.argmin(d))
+        cur = int(cand[j])
+        out[step] = cur
+        cand = np.delete(cand, j)
+    return by_y[out].astype(np.int64)
+
+
+def _median_nn_distance(pts):
+    from scipy.spatial import cKDTree
+
+    d, _ = cKDTree(pts).query(pts, k=2)
+    nn = d[:, 1]
+    nn = nn[nn > 0]  # duplicated points would make the band zero
+    return float(np.median(nn)) if len(nn) else 1.0
+
+
+# -----------------------------------------------------------------------------
+# records: one (image, object type) pair with its points
+
+
+@dataclass
+class SyntheticConfig:
+    """Knobs of the embedded synthetic data. Defaults are sized for the tiny CPU demo (224 px = 7x7 merged tokens):
+    large clear objects and few of them, so a hidden-64 model learns it within minutes."""
+
+    image_size: int = 224
+    min_count: int = 1
+    max_count: int = 6  # per object type; the longest sequence a sample teaches
+    num_train: int = 2000  # images per split; every object type in an image is one sample
+    num_val: int = 200
+    num_test: int = 200
+    max_distractor_types: int = 2  # other shape/colour types drawn beside the named one
+    min_radius: float = 8.0  # at 224 px; scaled with image_size
+    max_radius: float = 18.0
+
+
+SHAPES = ("circle", "square", "triangle")
+COLOURS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 230), "yellow": (240, 200, 20)}
+SYNTHETIC_TYPES = tuple(f"{c} {s}s" for s in SHAPES for c in COLOURS)
+SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}
+
+
+@dataclass
+class CountingRecord:
+    image_id: str
+    object_type: str
+    points: np.ndarray  # (N, 2) float32, continuous pixel coords in the image as loaded (no EXIF rotation), unordered
+    image_path: str | None = None
+    width: int | None = None  # size of the image as loaded
+    height: int | None = None
+    synthetic_seed: tuple | None = None  # synthetic images are re-rendered from (seed, split, index) when loaded
+    synthetic: SyntheticConfig | None = None
+
+    def load_image(self):
+        """The RGB PIL image the points refer to. Raises OSError for a missing, unreadable or truncated file."""
+        if self.synthetic_seed is not None:
+            return render_synthetic(synthetic_layout(self.synthetic_seed, self.synthetic))
+        with Image.open(self.image_path) as im:
+            return im.convert("RGB")  # convert() decodes fully, so a truncated file fails here, not later
+
+
+def _split_name(dataset, split):
+    if dataset == "omnicount":
+        return "valid" if split == "val" else split
+    return "val" if split == "valid" else split
+
+
+def load_records(dataset, data_root=None, split="train", categories=None, object_types=None, min_objects=1,
+                 max_objects=None, seed=0, synthetic=None):
+    """(records, skipped) for one split. `skipped` maps a reason to a count (images skipped, points clipped, ...).
+    Raises DataError with a one-line message for anything that makes the request itself wrong."""
+    skipped = Counter()
+    split = _split_name(dataset, split)
+    if dataset == "synthetic":
+        if categories:
+            raise DataError("--categories applies to --dataset omnicount only")
+        records = _synthetic_records(synthetic or SyntheticConfig(), split, seed)
+    elif dataset in ("fsc147", "omnicount"):
+        if not data_root:
+            raise DataError(f"--dataset {dataset} needs --data_root")
+        if not os.path.isdir(data_root):
+            raise DataError(f"{data_root}: data root not found")
+        if dataset == "fsc147":
+            if categories:
+                raise DataError("--categories applies to --dataset omnicount only (FSC-147 has no categories)")
+            records = _fsc147_records(data_root, split, skipped)
+        else:
+            records = _omnicount_records(data_root, split, categories, skipped)
+    else:
+        raise DataError(f"unknown dataset {dataset!r}; choose from {DATASETS}")
+    if object_types:
+        records = _filter_object_types(records, object_types, dataset, skipped)
+    kept = []
+    for r in records:
+        n = len(r.points)
+        if n < max(min_objects, 1):  # a sample needs at least one object to point at
+            skipped["too_few_objects"] += 1
+        elif max_objects is not None and n > max_objects:
+            skipped["too_many_objects"] += 1
+        else:
+            kept.append(r)
+    if skipped:
+        warnings.warn(f"{dataset} {split}: " + ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())),
+                      stacklevel=2)
+    return kept, dict(skipped)
+
+
+def _type_key(name):
+    # 'apples', 'Apple' and 'apple' name the same type: compare lower-cased plurals
+    from model_vlm_regression import object_names
+
+    return object_names(name.lower())[1]
+
+
+def _filter_object_types(records, object_types, dataset, skipped):
+    present = sorted({r.object_type for r in records})
+    known = {_type_key(t) for t in present}
+    if dataset == "synthetic":
+        known |= {_type_key(t) for t in SYNTHETIC_TYPES}
+        present = sorted(set(present) | set(SYNTHETIC_TYPES))
+    wanted = {_type_key(t) for t in object_types}
+    unknown = [t for t in object_types if _type_key(t) not in known]
+    if unknown:
+        raise DataError(f"unknown object type(s) {unknown} in {dataset}; known: {present}")
+    kept = [r for r in records if _type_key(r.object_type) in wanted]
+    skipped["other_object_type"] += len(records) - len(kept)  # kept out by the filter, not broken
+    return kept
+
+
+def _read_json(path):
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno} (char {e.pos}): {e.msg}") from None
+
+
+def _image_size(path, skipped):
+    """(w, h) from the file header, or None (counted) when the file is missing or not an image."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except FileNotFoundError:
+        skipped["missing_image"] += 1
+        warnings.warn(f"{path}: image file not found, skipped")
+    except (OSError, ValueError, SyntaxError) as e:
+        skipped["unreadable_image"] += 1
+        warnings.warn(f"{path}: unreadable image ({e}), skipped")
+    return None
+
+
+def _clip_points(points, w, h, skipped):
+    pts = np.asarray(points, dtype=np.float32).reshape(-1, 2)
+    clipped = np.clip(pts, 0, [w, h]).astype(np.float32)
+    n = int(np.any(clipped != pts, axis=1).sum())
+    if n:
+        skipped["points_clipped"] += n
+    return clipped
+
+
+def _fsc147_records(root, split, skipped):
+    ann_path = os.path.join(root, "annotation_FSC147_384.json")
+    split_path = os.path.join(root, "Train_Test_Val_FSC_147.json")
+    class_path = os.path.join(root, "ImageClasses_FSC147.txt")
+    image_dir = os.path.join(root, "images_384_VarV2")
+    for p in (split_path, ann_path, class_path):
+        if not os.path.isfile(p):
+            raise DataError(f"{p}: FSC-147 file not found")
+    if not os.path.isdir(image_dir):
+        raise DataError(f"{image_dir}: FSC-147 image folder not found")
+    splits = _read_json(split_path)
+    if split not in splits:
+        raise DataError(f"{split_path}: no split {split!r} (has {sorted(splits)})")
+    annotations = _read_json(ann_path)
+    classes = {}
+    with open(class_path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            name, sep, cls = line.rstrip("\r\n").partition("\t")
+            if not sep or not cls.strip():
+                raise DataError(f"{class_path}: line {lineno} is not '<image>\\t<class>': {line.strip()[:60]!r}")
+            classes[name.strip()] = cls.strip()
+    records = []
+    for name in splits[split]:
+        ann = annotations.get(name)
+        if ann is None:
+            skipped["no_annotation"] += 1
+            continue
+        if name not in classes:
+            skipped["no_class"] += 1
+            continue
+        path = os.path.join(image_dir, name)
+        size = _image_size(path, skipped)
+        if size is None:
+            continue
+        # points are in the frame of the file on disk; ann["H"], ann["W"] are the ORIGINAL size and never used
+        pts = _clip_points(ann.get("points", []), *size, skipped)
+        records.append(CountingRecord(name, classes[name], pts, path, *size))
+    return records
+
+
+def _omnicount_records(root, split, categories, skipped):
+    present = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+    present = [d for d in present if any(os.path.isdir(os.path.join(root, d, s)) for s in ("train", "valid", "test"))]
+    if not present:
+        raise DataError(f"{root}: no OmniCount category folders (expected <category>/{{train,valid,test}}/)")
+    if categories:
+        unknown = [c for c in categories if c not in present]
+        if unknown:
+            raise DataError(f"{root}: unknown categor{'y' if len(unknown) == 1 else 'ies'} {unknown}; present: {present}")
+    records = []
+    for cat in categories or present:
+        split_dir = os.path.join(root, cat, split)
+        if not os.path.isdir(split_dir):
+            warnings.warn(f"{split_dir}: category {cat} has no {split!r} split, skipped")
+            skipped["category_without_split"] += 1
+            continue
+        ann_path = os.path.join(split_dir, "_annotations.coco.json")
+        if not os.path.isfile(ann_path):
+            raise DataError(f"{ann_path}: COCO annotation file not found")
+        records += _coco_records(_read_json(ann_path), split_dir, f"{cat}/{split}/", skipped)
+    return records
+
+
+def _coco_records(coco, image_dir, id_prefix, skipped):
+    """One record per (image, category) with the box centres of that category only (images are multi-label)."""
+    names = {c["id"]: c["name"] for c in coco.get("categories", [])}
+    images = {im["id"]: im for im in coco.get("images", [])}
+    centres = {}  # (image id, category id) -> list of centres
+    for a in coco.get("annotations", []):
+        if a.get("image_id") not in images:
+            skipped["annotation_without_image"] += 1
+            continue
+        if a.get("category_id") not in names:
+            skipped["unknown_category_id"] += 1
+            continue
+        x, y, w, h = a["bbox"]
+        centres.setdefault((a["image_id"], a["category_id"]), []).append((x + w / 2, y + h / 2))
+    by_image = {}
+    for (image_id, cat_id), pts in centres.items():
+        by_image.setdefault(image_id, []).append((cat_id, pts))
+    records = []
+    for image_id, im in images.items():
+        groups = by_image.get(image_id)
+        if not groups:
+            skipped["image_without_objects"] += 1
+            continue
+        path = os.path.join(image_dir, im["file_name"])
+        size = _image_size(path, skipped)
+        if size is None:
+            continue
+        if (im.get("width"), im.get("height")) != tuple(size):
+            skipped["size_mismatch"] += 1  # trust the file: it is what gets marked and shown to the model
+        for cat_id, pts in sorted(groups, key=lambda g: names[g[0]]):
+            records.append(CountingRecord(id_prefix + im["file_name"], names[cat_id],
+                                          _clip_points(pts, *size, skipped), path, *size))
+    records.sort(key=lambda r: (r.image_id, r.object_type))
+    return records
+
+
+# -----------------------------------------------------------------------------
+# synthetic data: shapes x colours on varied backgrounds, deterministic from (seed, split, index)
+
+
+def synthetic_layout(seed, cfg):
+    """Background and objects of one synthetic image: dict with 'size', 'background' params and 'objects', a list
+    of (type, cx, cy, radius, angle) with (cx, cy) in continuous pixel coordinates. Types' counts are in
+    [min_count, max_count] unless the image is too full to place them without overlap."""
+    cfg = cfg or SyntheticConfig()
+    rng = np.random.default_rng(list(seed))
+    s = cfg.image_size
+    n_types = 1 + int(rng.integers(0, cfg.max_distractor_types + 1))
+    types = [SYNTHETIC_TYPES[i] for i in rng.choice(len(SYNTHETIC_TYPES), n_types, replace=False)]
+    counts = rng.integers(cfg.min_count, cfg.max_count + 1, n_types)
+    background = dict(base=int(rng.integers(70, 200)), tint=rng.integers(-25, 26, 3).tolist(),
+                      angle=float(rng.uniform(0, 2 * np.pi)), amplitude=float(rng.uniform(0, 40)))
+    scale = s / 224
+    placed = []  # (type, cx, cy, r, angle)
+    for t, count in zip(types, counts.tolist()):
+        for _ in range(count):
+            r = float(rng.uniform(cfg.min_radius, cfg.max_radius)) * scale
+            for _try in range(30):
+                c = rng.uniform(r + 1, s - r - 1, 2)
+                if all((c[0] - o[1]) ** 2 + (c[1] - o[2]) ** 2 > (r + o[3] + 3) ** 2 for o in placed):
+                    placed.append((t, float(c[0]), float(c[1]), r, float(rng.uniform(0, 2 * np.pi))))
+                    break
+    return dict(size=s, background=background, objects=placed)
+
+
+def synthetic_points(layout):
+    """{type: (N, 2) float32 centres} of a layout, types in the order they were drawn (first = the named type)."""
+    out = {}
+    for t, cx, cy, _, _ in layout["objects"]:
+        out.setdefault(t, []).append((cx, cy))
+    return {t: np.asarray(p, dtype=np.float32) for t, p in out.items()}
+
+
+def render_synthetic(layout):
+    s, bg = layout["size"], layout["background"]
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s - 0.5
+    ramp = bg["amplitude"] * (np.cos(bg["angle"]) * xx + np.sin(bg["angle"]) * yy)
+    base = np.clip(bg["base"] + np.asarray(bg["tint"], np.float32), 0, 255)
+    canvas = np.clip(base[None, None, :] + ramp[:, :, None], 0, 255).astype(np.uint8)
+    for t, cx, cy, r, angle in layout["objects"]:
+        colour_name, shape = t.split()
+        colour = COLOURS[colour_name]
+        c = (cx - 0.5, cy - 0.5)  # continuous coords -> cv2 pixel-centre coords
+        if shape == "circles":
+            cv2.circle(canvas, (round(c[0] * 16), round(c[1] * 16)), round(r * 16), colour, -1, cv2.LINE_AA, 4)
+            continue
+        k = 4 if shape == "squares" else 3
+        rr = r * (1.0 if k == 4 else 1.15)  # a triangle's area looks smaller; enlarge its circumradius a little
+        a = angle + 2 * np.pi * np.arange(k) / k
+        poly = np.stack([c[0] + rr * np.cos(a), c[1] + rr * np.sin(a)], 1)
+        cv2.fillPoly(canvas, [np.round(poly * 16).astype(np.int32)], colour, cv2.LINE_AA, 4)
+    return Image.fromarray(canvas)
+
+
+def _synthetic_records(cfg, split, seed):
+    if split not in SPLIT_SEEDS:
+        raise DataError(f"synthetic split must be one of {sorted(SPLIT_SEEDS)}, got {split!r}")
+    n = {"train": cfg.num_train, "val": cfg.num_val, "test": cfg.num_test}[split]
+    records = []
+    for i in range(n):
+        key = (int(seed), SPLIT_SEEDS[split], i)
+        layout = synthetic_layout(key, cfg)
+        for t, pts in synthetic_points(layout).items():
+            records.append(CountingRecord(f"synthetic-{split}-{i:06d}", t, pts, None, cfg.image_size,
+                                          cfg.image_size, synthetic_seed=key, synthetic=cfg))
+    return records
+
+
+def write_synthetic(out, fmt, num_images, seed=0, cfg=None):
+    """Write synthetic images in FSC-147 or OmniCount (Roboflow COCO) layout under `out`; 80/10/10 train/val/test.
+    FSC-147 annotates only the image's first (named) type, like the real one; OmniCount annotates every type."""
+    cfg = cfg or SyntheticConfig()
+    n_val = max(1, num_images // 10)
+    sizes = {"train": max(1, num_images - 2 * n_val), "val": n_val, "test": n_val}
+    if fmt == "fsc147":
+        image_dir = os.path.join(out, "images_384_VarV2")
+        os.makedirs(image_dir, exist_ok=True)
+        annotations, split_lists, classes = {}, {}, []
+        for split, n in sizes.items():
+            split_lists[split] = []
+            for i in range(n):
+                layout = synthetic_layout((seed, SPLIT_SEEDS[split], i), cfg)
+                t, pts = next(iter(synthetic_points(layout).items()))
+                name = f"{split}_{i:06d}.jpg"
+                render_synthetic(layout).save(os.path.join(image_dir, name), quality=95)
+                radii = [o[3] for o in layout["objects"] if o[0] == t]
+                boxes = [[[x - r, y - r], [x - r, y + r], [x + r, y + r], [x + r, y - r]]
+                         for (x, y), r in list(zip(pts.tolist(), radii))[:3]]
+                # H/W are the "original" size, deliberately unlike the file's, as in the real dataset
+                annotations[name] = {"H": cfg.image_size * 2, "W": cfg.image_size * 2, "points": pts.tolist(),
+                                     "box_examples_coordinates": boxes, "ratio_h": 0.5, "ratio_w": 0.5}
+                split_lists[split].append(name)
+                classes.append(f"{name}\t{t}\n")
+        split_lists["val_coco"], split_lists["test_coco"] = split_lists["val"][:1], split_lists["test"][:1]
+        with open(os.path.join(out, "annotation_FSC147_384.json"), "w") as f:
+            json.dump(annotations, f)
+        with open(os.path.join(out, "Train_Test_Val_FSC_147.json"), "w") as f:
+            json.dump(split_lists, f)
+        with open(os.path.join(out, "ImageClasses_FSC147.txt"), "w") as f:
+            f.writelines(classes)
+    elif fmt == "omnicount":
+        cat_ids = {t: i + 1 for i, t in enumerate(SYNTHETIC_TYPES)}
+        categories = [{"id": 0, "name": "synthetic-shapes", "supercategory": "none"}]  # Roboflow's placeholder
+        categories += [{"id": i, "name": t, "supercategory": "synthetic-shapes"} for t, i in cat_ids.items()]
+        for split, n in sizes.items():
+            split_dir = os.path.join(out, "Synthetic", _split_name("omnicount", split))
+            os.makedirs(split_dir, exist_ok=True)
+            images, anns = [], []
+            for i in range(n):
+                layout = synthetic_layout((seed, SPLIT_SEEDS[split], i), cfg)
+                digest = hashlib.md5(f"{seed}-{split}-{i}".encode()).hexdigest()
+                name = f"synth-{i:06d}_jpg.rf.{digest}.jpg"
+                render_synthetic(layout).save(os.path.join(split_dir, name), quality=95)
+                images.append({"id": i, "file_name": name, "width": cfg.image_size, "height": cfg.image_size})
+                for t, x, y, r, _ in layout["objects"]:
+                    anns.append({"id": len(anns), "image_id": i, "category_id": cat_ids[t],
+                                 "bbox": [x - r, y - r, 2 * r, 2 * r], "area": 4 * r * r, "segmentation": [],
+                                 "iscrowd": 0})
+            with open(os.path.join(split_dir, "_annotations.coco.json"), "w") as f:
+                json.dump({"images": images, "annotations": anns, "categories": categories}, f)
+    else:
+        raise DataError(f"unknown format {fmt!r}; choose fsc147 or omnicount")
+    return sizes
+
+
+# -----------------------------------------------------------------------------
+# samples
+
+
+def model_input_size(width, height, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
+    """(new_w, new_h): Qwen3-VL's smart resize (sides multiples of 32, pixel count within bounds). Marking the image
+    at exactly this size means the processor does not resize it again, so marks keep their drawn size."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    h, w = smart_resize(int(height), int(width), factor=RESIZE_FACTOR, min_pixels=min_pixels, max_pixels=max_pixels)
+    return int(w), int(h)
+
+
+def prepare_image(record, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
+    """(RGB image resized to model_input_size, the record's points scaled into that frame, float32 (N, 2))."""
+    image = record.load_image()
+    w, h = image.size
+    nw, nh = model_input_size(w, h, min_pixels, max_pixels)
+    points = (np.asarray(record.points, np.float64) * [nw / w, nh / h]).astype(np.float32)
+    if (nw, nh) != (w, h):
+        image = image.resize((nw, nh), Image.BICUBIC)  # bicubic, like the processor would have done
+    return image, points
+
+
+@dataclass
+class CountingSample:
+    image: Image.Image  # resized to the model's input size, first num_marked objects marked 1..k
+    object_type: str
+    num_marked: int
+    target: np.ndarray  # float32 (2,) normalized (x, y) of the next object; (-1, -1) when done
+    points: np.ndarray  # (N, 2) all points in counting order, pixels of the resized image
+    image_id: str
+    done: bool = False
+
+
+class CountingDataset(torch.utils.data.Dataset):
+    """One sample per record per epoch: k ~ U{0..N-1} objects marked, target = object k (0-based) in `ordering`.
+
+    Randomness comes from np.random.default_rng([seed, epoch, index]) only, so a sample is the same whatever the
+    worker count, order of access or resume point. Validation sets simply never call set_epoch.
+    Unreadable images are warned about once, counted in `self.skipped` (per process: DataLoader workers keep their
+    own counts) and replaced by another record, so an epoch never crashes on one bad file.
+    """
+
+    def __init__(self, records, ordering="reading_order", min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS,
+                 done_fraction=0.0, seed=0):
+        if ordering not in ORDERINGS:
+            raise ValueError(f"unknown ordering {ordering!r}; choose from {ORDERINGS}")
+        if not records:
+            raise DataError("no records to build samples from (check the split and the filters)")
+        self.records, self.ordering = list(records), ordering
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.done_fraction, self.seed, self.epoch = float(done_fraction), int(seed), 0
+        self.skipped = 0
+        self._bad = set()
+        self._orders = {}
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def __len__(self):
+        return len(self.records)
+
+    def order(self, i):
+        if i not in self._orders:
+            self._orders[i] = order_points(self.records[i].points, self.ordering)
+        return self._orders[i]
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng([self.seed, self.epoch, int(i)])
+        j = int(i)
+        for _ in range(20):
+            if j not in self._bad:
+                try:
+                    return self.make_sample(j, rng)
+                except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for missing/corrupt/truncated files
+                    self._bad.add(j)
+                    self.skipped += 1
+                    warnings.warn(f"{self.records[j].image_path or self.records[j].image_id}: unreadable image "
+                                  f"({e}); replaced by another sample")
+            j = int(rng.integers(len(self.records)))
+        raise DataError("20 unreadable images in a row; is the data folder intact?")
+
+    def make_sample(self, j, rng):
+        rec = self.records[j]
+        n = len(rec.points)
+        k = int(rng.integers(0, n))  # drawn before `done` so done_fraction does not change the other samples
+        done = bool(rng.random() < self.done_fraction)
+        image, pts = prepare_image(rec, self.min_pixels, self.max_pixels)
+        pts = pts[self.order(j)]
+        if done:
+            k, target = n, np.array([-1.0, -1.0], np.float32)
+        else:
+            target = utils.normalize_points(pts[k], *image.size)[0]
+        return CountingSample(utils.mark_objects(image, pts[:k]), rec.object_type, k, target, pts, rec.image_id, done)
+
+
+def make_collate_fn(processor, ordering="reading_order"):
+    """collate(list[CountingSample]) -> dict of tensors: every key the processor returns (input_ids,
+    attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, ...) plus targets float32 (B, 2)."""
+    from model_vlm_regression import render_prompt
+
+    def collate(samples):
+        texts = [render_prompt(processor, s.object_type, s.num_marked, ordering) for s in samples]
+        batch = processor(text=texts, images=[s.image for s in samples], padding=True, return_tensors="pt")
+        out = {k: v for k, v in batch.items() if torch.is_tensor(v)}
+        out["targets"] = torch.from_numpy(np.stack([s.target for s in samples]).astype(np.float32))
+        return out
+
+    return collate
+
+
+# -----------------------------------------------------------------------------
+# arguments shared by every command
+
+
+def add_data_args(parser):
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset", default="synthetic", choices=DATASETS)
+    g.add_argument("--data_root", default=None, help="dataset folder (fsc147, omnicount)")
+    g.add_argument("--categories", nargs="+", default=None, help="omnicount category folders (default: all)")
+    g.add_argument("--object_types", nargs="+", default=None, help="keep only these object types")
+    g.add_argument("--min_objects", type=int, default=1)
+    g.add_argument("--max_objects", type=int, default=None, help="drop samples with more objects (default: no cap)")
+    g.add_argument("--ordering", default="reading_order", choices=ORDERINGS)
+    g.add_argument("--min_pixels", type=int, default=MIN_PIXELS)
+    g.add_argument("--max_pixels", type=int, default=MAX_PIXELS, help="images above this many pixels are shrunk")
+    g.add_argument("--done_fraction", type=float, default=0.0, help="share of 'all marked' samples, target (-1,-1)")
+    d = SyntheticConfig()
+    g.add_argument("--synthetic_image_size", type=int, default=d.image_size)
+    g.add_argument("--synthetic_min_count", type=int, default=d.min_count)
+    g.add_argument("--synthetic_max_count", type=int, default=d.max_count)
+    g.add_argument("--synthetic_num_train", type=int, default=d.num_train)
+    g.add_argument("--synthetic_num_val", type=int, default=d.num_val)
+    g.add_argument("--synthetic_num_test", type=int, default=d.num_test)
+    g.add_argument("--synthetic_distractor_types", type=int, default=d.max_distractor_types)
+    return parser
+
+
+def synthetic_config_from_args(args):
+    return SyntheticConfig(image_size=args.synthetic_image_size, min_count=args.synthetic_min_count,
+                           max_count=args.synthetic_max_count, num_train=args.synthetic_num_train,
+                           num_val=args.synthetic_num_val, num_test=args.synthetic_num_test,
+                           max_distractor_types=args.synthetic_distractor_types)
+
+
+def records_from_args(args, split):
+    return load_records(args.dataset, args.data_root, split, categories=args.categories,
+                        object_types=args.object_types, min_objects=args.min_objects, max_objects=args.max_objects,
+                        seed=getattr(args, "seed", 0), synthetic=synthetic_config_from_args(args))
+
+
+def dataset_stats(records, skipped, dataset, split):
+    counts = np.array([len(r.points) for r in records], dtype=np.int64)
+    types = {}
+    for r in records:
+        t = types.setdefault(r.object_type, {"samples": 0, "objects": 0})
+        t["samples"] += 1
+        t["objects"] += len(r.points)
+    return {"dataset": dataset, "split": split, "num_images": len({r.image_id for r in records}),
+            "num_samples": len(records), "num_objects": int(counts.sum()),
+            "count_min": int(counts.min()) if len(counts) else 0, "count_max": int(counts.max()) if len(counts) else 0,
+            "count_mean": round(float(counts.mean()), 3) if len(counts) else 0.0,
+            "object_types": dict(sorted(types.items())), "skipped": dict(sorted(skipped.items()))}
+
+
+def _print_stats(s):
+    print(f"{s['dataset']} / {s['split']}: {s['num_images']} images, {s['num_samples']} samples, "
+          f"{s['num_objects']} objects, count per sample min {s['count_min']} / mean {s['count_mean']:.1f} / "
+          f"max {s['count_max']}")
+    width = max([len(t) for t in s["object_types"]] + [11])
+    print(f"  {'object type':<{width}}  {'samples':>8}  {'objects':>8}")
+    for t, v in s["object_types"].items():
+        print(f"  {t:<{width}}  {v['samples']:>8}  {v['objects']:>8}")
+    if s["skipped"]:
+        print("  skipped/clipped: " + ", ".join(f"{k} {v}" for k, v in s["skipped"].items()))
+
+
+def write_previews(ds, num, out, seed=0):
+    from model_vlm_regression import prompt_text
+
+    os.makedirs(out, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for n, i in enumerate(rng.choice(len(ds), min(num, len(ds)), replace=False).tolist()):
+        s = ds[i]
+        gt = None if s.done else utils.denormalize_points(s.target, *s.image.size)[0]
+        img = utils.draw_prediction(s.image, None, gt)
+        text = f"[{s.image_id}] k={s.num_marked} target={np.round(s.target, 3).tolist()}\n"
+        img = utils.add_caption(img, text + prompt_text(s.object_type, s.num_marked, ds.ordering)[1])
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in s.image_id)[-60:]
+        paths.append(os.path.join(out, f"preview_{n:03d}_{safe}.png"))
+        img.save(paths[-1])
+    return paths
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_args(parser)
+    parser.add_argument("--split", default="train", help="train, val (valid) or test")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stats", action="store_true", help="print counts per object type")
+    parser.add_argument("--json", action="store_true", help="--stats as one JSON object")
+    parser.add_argument("--preview", type=int, default=0, help="write this many marked sample PNGs to --out")
+    parser.add_argument("--make_synthetic", action="store_true", help="write a synthetic dataset to --out")
+    parser.add_argument("--format", choices=("fsc147", "omnicount"), default="fsc147")
+    parser.add_argument("--num_images", type=int, default=100, help="--make_synthetic: images over all splits")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    try:
+        if args.make_synthetic:
+            if not args.out:
+                parser.error("--make_synthetic needs --out")
+            sizes = write_synthetic(args.out, args.format, args.num_images, args.seed, synthetic_config_from_args(args))
+            print(f"wrote {args.format} dataset to {args.out}: {sizes}")
+            return 0
+        if not (args.stats or args.preview):
+            args.stats = True
+        with warnings.catch_warnings():
+            if args.json:  # keep stdout pure JSON and stderr quiet; skips are in the JSON
+                warnings.simplefilter("ignore")
+            records, skipped = records_from_args(args, args.split)
+        if args.stats:
+            s = dataset_stats(records, skipped, args.dataset, _split_name(args.dataset, args.split))
+            print(json.dumps(s)) if args.json else _print_stats(s)
+        if args.preview:
+            if not args.out:
+                parser.error("--preview needs --out")
+            ds = CountingDataset(records, args.ordering, args.min_pixels, args.max_pixels, args.done_fraction,
+                                 args.seed)
+            paths = write_previews(ds, args.preview, args.out, args.seed)
+            print(f"wrote {len(paths)} previews to {args.out}" + (f" ({ds.skipped} unreadable images)" if ds.skipped else ""))
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
