@@ -1,0 +1,182 @@
+"""Model core: tokens, LoRA, heads, gradients, save/load, 4-bit, batching, errors, summary."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import model_vlm_regression as mvr
+from conftest import ROOT
+
+
+def random_image(h, w, seed):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def make_batch(processor, images, names=("eggs", "apple", "sea shells"), ks=(0, 1, 5)):
+    texts = [mvr.render_prompt(processor, names[i % len(names)], ks[i % len(ks)]) for i in range(len(images))]
+    return processor(text=texts, images=images, padding=True, return_tensors="pt")
+
+
+@pytest.fixture()
+def tiny_model():
+    torch.manual_seed(0)
+    return mvr.build_model("tiny", lora_r=8, lora_alpha=16, mlp_layers=2, head_dim=64)
+
+
+def test_prompt_matches_the_seed_text(tiny_processor):
+    system, user = mvr.prompt_text("eggs", 5)
+    assert system == "You are a vision assistant that locates eggs in images systematically."
+    assert user == (
+        "Count the eggs in this image. 5 objects are already marked with numbered labels.\n\n"
+        "Task: Predict the (x, y) location of the next unmarked egg.\n\n"
+        "Rules:\n1. Output x, y as normalized coordinates in [-1, 1]\n"
+        "2. If all eggs are marked, output x=-1, y=-1\n"
+        "3. Count systematically from top-to-bottom, left-to-right\n\nNext location: <x> <y>")
+    assert "1 object is already marked" in mvr.prompt_text("eggs", 1)[1]
+    assert mvr.object_names("apple") == ("apple", "apples")
+    assert mvr.object_names("people") == ("person", "people")
+    assert mvr.object_names("sea shells") == ("sea shell", "sea shells")
+    assert mvr.object_names("glass") == ("glass", "glasses")
+    rendered = mvr.render_prompt(tiny_processor, "eggs", 5)
+    assert rendered.count("<|image_pad|>") == 1 and user in rendered
+
+
+@pytest.mark.parametrize("ordering", mvr.ORDERING_RULES)
+def test_each_prompt_has_each_coordinate_token_once(tiny_processor, ordering):
+    x_id, y_id = mvr.coordinate_token_ids(tiny_processor)
+    for name, k in [("eggs", 0), ("x-ray films", 1), ("<y> signs", 3), ("people", 120)]:
+        ids = tiny_processor(text=[mvr.render_prompt(tiny_processor, name, k, ordering)],
+                             images=[random_image(64, 64, 0)], return_tensors="pt")["input_ids"][0]
+        # an object name containing "<y>" is text, not the special token: still exactly one of each
+        assert (ids == x_id).sum() == 1 and (ids == y_id).sum() == 1, name
+
+
+def test_special_tokens_added_without_dropping_qwen_ones(tiny_processor):
+    tok = tiny_processor.tokenizer
+    specials = set(tok.all_special_tokens)
+    for t in ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<x>", "<y>"):
+        assert t in specials, t
+    assert tok.convert_tokens_to_ids("<|image_pad|>") == tiny_processor.image_token_id
+
+
+def test_embedding_is_never_shrunk(tiny_processor):
+    base = mvr.load_base_model("tiny")
+    rows = base.get_input_embeddings().weight.shape[0]
+    ids = mvr.coordinate_token_ids(tiny_processor)
+    assert len(tiny_processor.tokenizer) < rows  # padded like Qwen's matrix
+    assert mvr.ensure_token_rows(base, ids) is False
+    assert base.get_input_embeddings().weight.shape[0] == rows
+    # a matrix exactly as long as the old vocabulary must grow to fit the new ids, keeping every old row
+    base.resize_token_embeddings(min(ids))
+    old = base.get_input_embeddings().weight[: min(ids)].clone()
+    assert mvr.ensure_token_rows(base, ids) is True
+    weight = base.get_input_embeddings().weight
+    assert weight.shape[0] > max(ids) and torch.equal(weight[: min(ids)], old)
+
+
+def test_lora_targets_language_model_only(tiny_model):
+    model, _ = tiny_model
+    lora_names = [n for n, _ in model.named_parameters() if "lora_A" in n]
+    assert lora_names and all("language_model" in n for n in lora_names)
+    kinds = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n in lora_names}
+    assert kinds == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert not any(p.requires_grad for p in model.vlm.get_base_model().model.visual.parameters())
+    assert model.x_head[-2].weight.dtype == torch.float32
+
+
+def test_gradients_reach_heads_lora_and_token_rows(tiny_model):
+    model, processor = tiny_model
+    batch = make_batch(processor, [random_image(224, 224, 1), random_image(160, 288, 2)])
+    pred = model(**batch)
+    assert pred.shape == (2, 2) and pred.abs().max() <= 1
+    # LoRA B starts at zero, so LoRA A only gets gradient after one update; two steps exercise both
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        mvr.regression_loss(model(**batch), torch.tensor([[0.5, -0.5], [-0.2, 0.3]]))[0].backward()
+        opt.step()
+    groups = model.trainable_groups()
+    assert set(groups) == {"x_head", "y_head", "lora", "token_rows"}
+    for name, params in groups.items():
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params), name
+    x_id, y_id = mvr.coordinate_token_ids(processor)
+    rows = model.vlm.get_base_model().get_input_embeddings()
+    assert rows.token_adapter.trainable_tokens_delta["default"].grad.abs().sum(1).gt(0).all()
+
+
+def test_save_load_round_trip_is_identical(tiny_model, tmp_path):
+    model, processor = tiny_model
+    batch = make_batch(processor, [random_image(224, 224, 3), random_image(192, 256, 4)])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):  # move LoRA B, token rows and heads away from their init
+        opt.zero_grad()
+        mvr.regression_loss(model(**batch), torch.full((2, 2), 0.4))[0].backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        before = model(**batch)
+    model.save_pretrained(tmp_path / "ckpt", processor)
+    files = {p.name for p in (tmp_path / "ckpt").iterdir()}
+    assert {"adapter", "heads.safetensors", "regression_config.json", "processor"} <= files
+    assert (tmp_path / "ckpt/adapter/adapter_model.safetensors").exists()
+    cfg = json.loads((tmp_path / "ckpt/regression_config.json").read_text())
+    assert cfg["base_model"] == "tiny" and "transformers" in cfg["versions"]
+    loaded, processor2 = mvr.VLMRegressionModel.from_pretrained(tmp_path / "ckpt")
+    loaded.eval()
+    with torch.no_grad():
+        after = loaded(**make_batch(processor2, [random_image(224, 224, 3), random_image(192, 256, 4)]))
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+    assert not torch.allclose(before, torch.zeros_like(before), atol=1e-3)
+
+
+def test_batched_equals_one_by_one(tiny_model):
+    model, processor = tiny_model
+    model.eval()
+    images = [random_image(224, 224, 5), random_image(128, 320, 6), random_image(288, 192, 7)]
+    with torch.no_grad():
+        batched = model(**make_batch(processor, images))
+        single = torch.cat([model(**make_batch(processor, [im], names=(n,), ks=(k,)))
+                            for im, n, k in zip(images, ("eggs", "apple", "sea shells"), (0, 1, 5))])
+    torch.testing.assert_close(batched, single, rtol=0, atol=1e-5)
+
+
+def test_malformed_sample_is_a_clear_error(tiny_model):
+    model, processor = tiny_model
+    batch = make_batch(processor, [random_image(64, 64, 8), random_image(64, 64, 9)])
+    x_id, y_id = mvr.coordinate_token_ids(processor)
+    ids = batch["input_ids"].clone()
+    ids[1][ids[1] == y_id] = processor.tokenizer.pad_token_id  # sample 1 lost its <y>, as if truncated
+    with pytest.raises(ValueError, match=r"sample 1 of the batch has 0 <y> tokens"):
+        model(**dict(batch, input_ids=ids))
+
+
+def test_4bit_forward_backward_on_cpu_keeps_vision_unquantized():
+    import bitsandbytes as bnb
+
+    model, processor = mvr.build_model("tiny", load_in_4bit=True, lora_r=8, mlp_layers=2, head_dim=64,
+                                       gradient_checkpointing=True)
+    base = model.vlm.get_base_model()
+    quantized = [n for n, m in base.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert quantized and all("language_model" in n for n in quantized)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in base.model.visual.modules())
+    model.train()
+    batch = make_batch(processor, [random_image(96, 96, 10), random_image(64, 128, 11)])
+    loss = mvr.regression_loss(model(**batch), torch.zeros(2, 2))[0]
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in model.trainable_groups()["x_head"])
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.trainable_groups()["token_rows"])
+
+
+def test_summary_cli_for_the_4b_architecture():
+    out = subprocess.run([sys.executable, "model_vlm_regression.py", "--model_name", "Qwen/Qwen3-VL-4B-Thinking",
+                          "--summary", "--json"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    s = json.loads(out[out.index("{"):])
+    assert s["total_params"] == 4_437_815_808
+    assert s["vision_params"] == 415_347_712
+    assert s["lora_params"] == 33_030_144
+    assert s["memory_gib"]["4bit"] < s["memory_gib"]["bf16"]
