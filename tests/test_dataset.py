@@ -1,0 +1,332 @@
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ["HF_HUB_OFFLINE"] = "1"
+import dataset  # noqa: E402
+import utils  # noqa: E402
+from data_fixtures import write_fsc147, write_omnicount  # noqa: E402
+
+PY = sys.executable
+
+
+@pytest.fixture(scope="module")
+def fsc(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsc147")
+    return str(root), write_fsc147(str(root))
+
+
+@pytest.fixture(scope="module")
+def omni(tmp_path_factory):
+    root = tmp_path_factory.mktemp("omnicount")
+    return str(root), write_omnicount(str(root))
+
+
+def load(*args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return dataset.load_records(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------- FSC-147
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_fsc147_records_match_annotations(fsc, split):
+    root, info = fsc
+    records, skipped = load("fsc147", root, split)
+    expected = info["expected"][split]
+    assert {r.image_id for r in records} == set(expected)
+    for r in records:
+        cls, pts = expected[r.image_id]
+        assert r.object_type == cls
+        assert r.points.dtype == np.float32 and r.points.shape == pts.shape
+        # points stay in the frame of the file on disk: never scaled by the annotation's H/W
+        np.testing.assert_allclose(r.points, pts, atol=1e-3)
+        assert (r.width, r.height) == r.load_image().size
+    if split == "train":
+        assert skipped == {"unreadable_image": 1, "points_clipped": info["num_clipped"]}
+
+
+def test_fsc147_filters(fsc):
+    root, info = fsc
+    records, skipped = load("fsc147", root, "train", object_types=["egg"], max_objects=12)
+    assert [r.image_id for r in records] == ["4.jpg"]  # 2.jpg has 13 eggs, 3.jpg is sea shells
+    assert skipped["too_many_objects"] == 1 and skipped["other_object_type"] == 1
+    records, skipped = load("fsc147", root, "train", min_objects=13)
+    assert [r.image_id for r in records] == ["2.jpg", "3.jpg"]
+
+
+def test_fsc147_errors_name_the_file(fsc, tmp_path):
+    root, _ = fsc
+    with pytest.raises(dataset.DataError, match="nope.*not found"):
+        dataset.load_records("fsc147", os.path.join(root, "nope"))
+    with pytest.raises(dataset.DataError, match="unknown object type.*'elephants'.*known:.*sea shells"):
+        load("fsc147", root, "val", object_types=["elephants"])
+    with pytest.raises(dataset.DataError, match="Train_Test_Val_FSC_147.json.*no split 'dev'"):
+        load("fsc147", root, "dev")
+    bad = tmp_path / "bad"
+    write_fsc147(str(bad))
+    os.remove(bad / "Train_Test_Val_FSC_147.json")
+    with pytest.raises(dataset.DataError, match=r"Train_Test_Val_FSC_147\.json: FSC-147 file not found"):
+        load("fsc147", str(bad), "train")
+    write_fsc147(str(bad))
+    text = (bad / "annotation_FSC147_384.json").read_text()
+    (bad / "annotation_FSC147_384.json").write_text(text[:200] + "}{" + text[200:])
+    with pytest.raises(dataset.DataError, match=r"annotation_FSC147_384\.json: malformed JSON at line 1 column 20"):
+        load("fsc147", str(bad), "train")
+
+
+# ----------------------------------------------------------------------------- OmniCount
+
+
+def test_omnicount_multilabel_counts_per_type(omni):
+    root, info = omni
+    records, skipped = load("omnicount", root, "train")
+    expected = {("Fruits/train/" + f, t): n for (f, t), n in info["expected"][("Fruits", "train")].items()}
+    expected |= {("Household/train/" + f, t): n for (f, t), n in info["expected"][("Household", "train")].items()}
+    got = {(r.image_id, r.object_type): len(r.points) for r in records}
+    assert got == expected
+    assert any(n > 1 for n in Counter_of(r.image_id for r in records).values())  # multi-label images
+    assert "fruits-xyz" not in {r.object_type for r in records}  # Roboflow's placeholder category is no type
+    assert skipped == {"unreadable_image": 1}
+
+
+def Counter_of(it):
+    from collections import Counter
+
+    return Counter(it)
+
+
+def test_omnicount_box_centres(omni):
+    root, _ = omni
+    coco = json.load(open(os.path.join(root, "Fruits", "valid", "_annotations.coco.json")))
+    records, _ = load("omnicount", root, "val", categories=["Fruits"])  # "val" means Roboflow's "valid"
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    files = {im["id"]: im["file_name"] for im in coco["images"]}
+    for r in records:
+        boxes = [a["bbox"] for a in coco["annotations"]
+                 if "Fruits/valid/" + files[a["image_id"]] == r.image_id and names[a["category_id"]] == r.object_type]
+        centres = np.array([[x + w / 2, y + h / 2] for x, y, w, h in boxes], np.float32)
+        np.testing.assert_allclose(r.points, centres, atol=1e-4)
+
+
+def test_omnicount_missing_split_warns_and_counts(omni):
+    root, info = omni
+    with pytest.warns(UserWarning, match="Household.*has no 'test' split"):
+        records, skipped = dataset.load_records("omnicount", root, "test")
+    assert skipped["category_without_split"] == 1
+    assert len(records) == len(info["expected"][("Fruits", "test")])
+
+
+def test_omnicount_filters_and_errors(omni):
+    root, info = omni
+    records, _ = load("omnicount", root, "train", object_types=["apples", "Cups"])  # plural/case-insensitive
+    exp = sum(1 for (_, t) in info["expected"][("Fruits", "train")] if t == "apple")
+    exp += sum(1 for (_, t) in info["expected"][("Household", "train")] if t == "cup")
+    assert len(records) == exp and {r.object_type for r in records} <= {"apple", "cup"}
+    with pytest.raises(dataset.DataError, match=r"unknown category \['Pets'\]; present: \['Fruits', 'Household'\]"):
+        load("omnicount", root, "train", categories=["Pets"])
+    with pytest.raises(dataset.DataError, match=r"unknown object type.*'kiwis'.*known: \['apple', 'banana'"):
+        load("omnicount", root, "train", object_types=["kiwis"])
+    with pytest.raises(dataset.DataError, match="missing.*data root not found"):
+        load("omnicount", os.path.join(root, "missing"), "train")
+
+
+# ----------------------------------------------------------------------------- ordering
+
+
+@pytest.mark.parametrize("strategy", dataset.ORDERINGS)
+def test_order_points_is_deterministic_permutation(strategy):
+    pts = np.random.default_rng(0).uniform(0, 500, (300, 2)).astype(np.float32)
+    pts[10] = pts[20]  # an exact duplicate must not break ties differently between runs
+    o = dataset.order_points(pts, strategy)
+    assert o.dtype == np.int64 and sorted(o.tolist()) == list(range(300))
+    np.testing.assert_array_equal(o, dataset.order_points(pts.copy(), strategy))
+    assert dataset.order_points(np.zeros((0, 2)), strategy).shape == (0,)
+    assert dataset.order_points([[3, 4]], strategy).tolist() == [0]
+
+
+@pytest.mark.parametrize("spacing", [(12, 12), (40, 90), (120, 60)])
+def test_reading_order_on_jittered_grid(spacing):
+    """A 7x9 grid with +-20% jitter: the rows must come back top-to-bottom, left-to-right, whatever the object size
+    (a fixed 50-px band would merge the 12-px rows and split nothing else)."""
+    dx, dy = spacing
+    rng = np.random.default_rng(1)
+    rows, cols = 7, 9
+    gy, gx = np.mgrid[0:rows, 0:cols]
+    pts = np.stack([(gx + 1) * dx, (gy + 1) * dy], -1).reshape(-1, 2).astype(np.float64)
+    pts += rng.uniform(-0.2, 0.2, pts.shape) * min(dx, dy)
+    perm = rng.permutation(len(pts))
+    o = dataset.order_points(pts[perm], "reading_order")
+    np.testing.assert_array_equal(perm[o], np.arange(rows * cols))
+
+
+def test_left_to_right_and_nearest_neighbor_rules():
+    rng = np.random.default_rng(2)
+    pts = rng.uniform(0, 400, (200, 2))
+    o = dataset.order_points(pts, "left_to_right")
+    assert (np.diff(pts[o, 0]) >= 0).all()
+    o = dataset.order_points(pts, "nearest_neighbor")
+    assert o[0] == np.argmin(pts.sum(1))
+    for step in range(1, 200):  # each step goes to the nearest point not visited yet
+        d = np.linalg.norm(pts[o[step:]] - pts[o[step - 1]], axis=1)
+        assert d[0] == d.min()
+
+
+def test_nearest_neighbor_is_fast_on_fsc_largest_image():
+    pts = np.random.default_rng(3).uniform(0, [576, 384], (3731, 2))
+    t = time.perf_counter()
+    dataset.order_points(pts, "nearest_neighbor")
+    assert time.perf_counter() - t < 1.0  # the 200 ms target is measured in benchmarks/bench_data.py
+
+
+# ----------------------------------------------------------------------------- synthetic, samples, collate
+
+
+def test_synthetic_is_deterministic_and_named_type_is_drawn():
+    cfg = dataset.SyntheticConfig(num_train=20, num_val=5)
+    a, _ = dataset.load_records("synthetic", split="train", seed=0, synthetic=cfg)
+    b, _ = dataset.load_records("synthetic", split="train", seed=0, synthetic=cfg)
+    c, _ = dataset.load_records("synthetic", split="val", seed=0, synthetic=cfg)
+    assert [(r.image_id, r.object_type, r.points.tolist()) for r in a] == \
+           [(r.image_id, r.object_type, r.points.tolist()) for r in b]
+    assert a[0].points.tolist() != c[0].points.tolist()
+    assert len({r.image_id for r in a}) == 20 and len(a) > 20  # distractor types make several samples per image
+    for r in a[:10]:
+        img = np.array(r.load_image())
+        assert img.shape == (224, 224, 3)
+        colour = dataset.COLOURS[r.object_type.split()[0]]
+        for x, y in r.points:  # the object's centre pixel has the named type's colour
+            np.testing.assert_allclose(img[int(y), int(x)], colour, atol=2)
+        assert 1 <= len(r.points) <= cfg.max_count
+
+
+def test_model_input_size_and_prepare_image(fsc):
+    assert dataset.model_input_size(576, 384) == (576, 384)  # FSC-147 keeps its size
+    assert dataset.model_input_size(640, 640) == (640, 640)
+    assert dataset.model_input_size(224, 224) == (224, 224)
+    w, h = dataset.model_input_size(1300, 1065)
+    assert w % 32 == 0 and h % 32 == 0 and w * h <= dataset.MAX_PIXELS
+    root, _ = fsc
+    records, _ = load("fsc147", root, "val")
+    r = next(r for r in records if r.image_id == "10.jpg")  # 469 x 384 on disk
+    img, pts = dataset.prepare_image(r, max_pixels=256 * 256)
+    nw, nh = dataset.model_input_size(469, 384, dataset.MIN_PIXELS, 256 * 256)
+    assert img.size == (nw, nh)
+    # the same object has the same normalized position in both frames
+    np.testing.assert_allclose(utils.normalize_points(pts, nw, nh), utils.normalize_points(r.points, 469, 384),
+                               atol=1e-5)
+
+
+def test_counting_dataset_samples(fsc):
+    root, _ = fsc
+    records, _ = load("fsc147", root, "train")
+    ds = dataset.CountingDataset(records, "reading_order", seed=3)
+    s = ds[1]
+    again = ds[1]
+    assert (s.num_marked, s.target.tolist()) == (again.num_marked, again.target.tolist())
+    assert np.array_equal(np.array(s.image), np.array(again.image))
+    rec = records[1]
+    assert 0 <= s.num_marked < len(rec.points) and not s.done
+    ordered = rec.points[dataset.order_points(rec.points, "reading_order")]
+    np.testing.assert_allclose(s.points, ordered, atol=1e-4)  # 576x384/512x384 keep their size
+    np.testing.assert_allclose(s.target, utils.normalize_points(ordered[s.num_marked], *s.image.size)[0], atol=1e-6)
+    ks = set()
+    for epoch in range(12):
+        ds.set_epoch(epoch)
+        ks.add(ds[1].num_marked)
+    assert len(ks) > 3  # k changes with the epoch
+    done = dataset.CountingDataset(records, done_fraction=1.0)[0]
+    assert done.done and done.num_marked == len(records[0].points) and done.target.tolist() == [-1.0, -1.0]
+
+
+def test_counting_dataset_survives_corrupt_image(fsc, tmp_path):
+    import shutil
+
+    root, _ = fsc
+    copy = tmp_path / "fsc"
+    shutil.copytree(root, copy)
+    records, _ = load("fsc147", str(copy), "train")
+    with open(records[0].image_path, "r+b") as f:  # truncate after loading: only decoding can find it
+        f.truncate(300)
+    ds = dataset.CountingDataset(records)
+    with pytest.warns(UserWarning, match="unreadable image"):
+        s = ds[0]
+    assert s.image_id != records[0].image_id and ds.skipped == 1
+    ds[0]
+    assert ds.skipped == 1  # the bad record is remembered, warned about once
+
+
+def test_collate_with_tiny_processor(tiny_processor):
+    import torch
+
+    cfg = dataset.SyntheticConfig(num_train=4)
+    records, _ = dataset.load_records("synthetic", synthetic=cfg)
+    ds = dataset.CountingDataset(records)
+    samples = [ds[i] for i in range(3)]
+    batch = dataset.make_collate_fn(tiny_processor)(samples)
+    for key in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids", "targets"):
+        assert torch.is_tensor(batch[key]), key
+    assert batch["targets"].dtype == torch.float32 and batch["targets"].shape == (3, 2)
+    # the processor keeps our size: 224 px -> a 14x14 patch grid (7x7 merged tokens), no second resize
+    assert batch["image_grid_thw"].tolist() == [[1, 14, 14]] * 3
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def run_cli(*args):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([PY, os.path.join(ROOT, "dataset.py"), *args], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=120)
+
+
+def test_cli_stats_json(fsc):
+    root, info = fsc
+    p = run_cli("--dataset", "fsc147", "--data_root", root, "--split", "train", "--stats", "--json")
+    assert p.returncode == 0, p.stderr
+    s = json.loads(p.stdout)
+    exp = info["expected"]["train"]
+    counts = [len(pts) for _, pts in exp.values()]
+    assert s["dataset"] == "fsc147" and s["split"] == "train"
+    assert (s["num_images"], s["num_samples"], s["num_objects"]) == (len(exp), len(exp), sum(counts))
+    assert (s["count_min"], s["count_max"]) == (min(counts), max(counts))
+    assert s["count_mean"] == pytest.approx(np.mean(counts), abs=1e-3)
+    assert s["object_types"] == {"eggs": {"samples": 2, "objects": 20}, "sea shells": {"samples": 1, "objects": 40}}
+    assert s["skipped"] == {"points_clipped": 1, "unreadable_image": 1}
+    p = run_cli("--dataset", "fsc147", "--data_root", root + "/nope", "--stats")
+    assert p.returncode == 2 and "nope: data root not found" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("fmt", ["fsc147", "omnicount"])
+def test_make_synthetic_then_real_loader(fmt, tmp_path):
+    out = str(tmp_path / fmt)
+    p = run_cli("--make_synthetic", "--format", fmt, "--out", out, "--num_images", "20", "--seed", "5")
+    assert p.returncode == 0, p.stderr
+    cfg = dataset.SyntheticConfig()
+    for split in ("train", "val", "test"):
+        real, skipped = load(fmt, out, split)
+        synth = {(r.image_id.split("-")[-1], r.object_type): r.points for r in
+                 load("synthetic", split=split, seed=5, synthetic=cfg)[0]}
+        assert real and not skipped
+        for r in real:
+            idx = r.image_id.split("/")[-1].split("_")[0 if fmt == "omnicount" else 1].split("-")[-1][:6]
+            np.testing.assert_allclose(r.points, synth[(idx, r.object_type)], atol=1e-3)
+        if fmt == "omnicount":  # every type of every image is annotated: one sample per (image, type)
+            assert len(real) == len(synth)
+
+
+def test_cli_preview(tmp_path):
+    out = tmp_path / "prev"
+    p = run_cli("--preview", "3", "--out", str(out), "--synthetic_num_train", "10")
+    assert p.returncode == 0, p.stderr
+    assert len(list(out.glob("*.png"))) == 3
