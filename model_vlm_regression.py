@@ -324,6 +324,15 @@ def regression_loss(pred, target):
     return loss_x + loss_y, loss_x, loss_y
 
 
+GROUPS = ("x_head", "y_head", "lora", "token_rows")  # what training must update; anything else is a bug
+
+
+def param_group(name):
+    """Which trainable group a parameter name belongs to."""
+    return ("x_head" if name.startswith("x_head.") else "y_head" if name.startswith("y_head.")
+            else "lora" if "lora_" in name else "token_rows" if "trainable_tokens" in name else "other")
+
+
 class VLMRegressionModel(nn.Module):
     """A peft-wrapped Qwen3-VL plus two fp32 heads; forward(**batch) -> (B, 2) predictions in [-1, 1]."""
 
@@ -363,14 +372,11 @@ class VLMRegressionModel(nn.Module):
 
     def trainable_groups(self):
         """Named groups of trainable parameters (for the optimizer's two lrs and the gradient-flow check)."""
-        groups = {"x_head": [], "y_head": [], "lora": [], "token_rows": [], "other": []}
+        groups = {}
         for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            key = ("x_head" if name.startswith("x_head.") else "y_head" if name.startswith("y_head.")
-                   else "lora" if "lora_" in name else "token_rows" if "trainable_tokens" in name else "other")
-            groups[key].append(p)
-        return {k: v for k, v in groups.items() if v}
+            if p.requires_grad:
+                groups.setdefault(param_group(name), []).append(p)
+        return groups
 
     def save_pretrained(self, out_dir, processor=None):
         """adapter/ (peft format), heads.safetensors, regression_config.json, processor/ (tokenizer with <x>/<y>)."""
