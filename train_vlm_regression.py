@@ -118,6 +118,15 @@ def lr_lambda(warmup_steps, total_steps):
     return f
 
 
+def build_optimizer(model, lr, mlp_lr, weight_decay):
+    """AdamW with two groups: the VLM side (LoRA, <x>/<y> rows) at lr, the freshly initialised heads at mlp_lr."""
+    groups = model.trainable_groups()
+    heads = groups.get("x_head", []) + groups.get("y_head", [])
+    vlm = [p for g, ps in groups.items() if g not in ("x_head", "y_head") for p in ps]
+    return torch.optim.AdamW([{"params": vlm, "lr": lr, "weight_decay": weight_decay, "name": "vlm"},
+                              {"params": heads, "lr": mlp_lr, "weight_decay": weight_decay, "name": "heads"}])
+
+
 def gradient_flow(model):
     """Gradient norm of each trainable group; raises if a group that training must update got no gradient."""
     norms = {}
@@ -340,21 +349,15 @@ def main(argv=None):
         gradient_checkpointing=args.gradient_checkpointing, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     model.config["ordering"] = args.ordering
     collate = data.make_collate_fn(processor, args.ordering)
-    groups = model.trainable_groups()
-    head_params = groups.get("x_head", []) + groups.get("y_head", [])
-    vlm_params = [p for g, ps in groups.items() if g not in ("x_head", "y_head") for p in ps]
     mlp_lr = args.mlp_lr if args.mlp_lr is not None else args.lr * args.mlp_lr_multiplier
-    optimizer = torch.optim.AdamW([
-        {"params": vlm_params, "lr": args.lr, "weight_decay": args.weight_decay, "name": "vlm"},
-        {"params": head_params, "lr": mlp_lr, "weight_decay": args.weight_decay, "name": "heads"},
-    ])
+    optimizer = build_optimizer(model, args.lr, mlp_lr, args.weight_decay)
     steps_per_epoch = math.ceil(train_iters / args.grad_accum)
     total_steps = steps_per_epoch * args.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, total_steps))
-    trainable = sum(p.numel() for ps in groups.values() for p in ps)
+    trainable = sum(p.numel() for ps in model.trainable_groups().values() for p in ps)
 
     state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best_val_loss": None, "best_epoch": None,
-             "baseline_val_loss": None, "history": []}
+             "baseline_val_loss": None, "history": [], "epoch_sums": None}
     if resume_dir:
         load_trained_weights(model, resume_dir)
         state = load_training_state(resume_dir, optimizer, scheduler)
@@ -412,7 +415,8 @@ def main(argv=None):
         loader = make_loader(train_ds, indices, args.batch_size, collate, args.num_workers, args.seed + epoch)
         bar = tqdm(total=train_iters, initial=start, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main,
                    dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30, file=sys.stderr)
-        epoch_sums = {"loss": 0.0, "loss_x": 0.0, "loss_y": 0.0, "n": 0}
+        # running train-loss sums of this epoch live in `state`, so a mid-epoch resume reports the same epoch mean
+        epoch_sums = state["epoch_sums"] = state["epoch_sums"] or {"loss": 0.0, "loss_x": 0.0, "loss_y": 0.0, "n": 0}
         t_data = time.time()
         for b, batch in enumerate(loader, start=start):
             batch = to_device(batch, accelerator.device)
@@ -476,7 +480,7 @@ def main(argv=None):
         bar.close()
 
         metrics, _ = validate(model, val_loader, accelerator)
-        state["epoch"], state["batch_in_epoch"] = epoch + 1, 0
+        state["epoch"], state["batch_in_epoch"], state["epoch_sums"] = epoch + 1, 0, None
         improved = state["best_val_loss"] is None or metrics["val/loss"] < state["best_val_loss"]
         if improved:
             state["best_val_loss"], state["best_epoch"] = metrics["val/loss"], epoch + 1

@@ -1,0 +1,174 @@
+"""Training: learning, output files, resume after SIGKILL, SIGTERM checkpoint, W&B offline files, safety checks."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import dataset as data
+import model_vlm_regression as mvr
+import train_vlm_regression as tr
+from conftest import ROOT
+
+SMALL = ["--model_name", "tiny", "--dataset", "synthetic", "--synthetic_num_train", "64", "--synthetic_num_val", "16",
+         "--batch_size", "2", "--num_workers", "0", "--wandb_mode", "disabled", "--log_every", "1",
+         "--lora_r", "8", "--head_dim", "64", "--warmup_steps", "2", "--num_val_images", "2"]
+
+
+def train_cmd(out, *extra):
+    return [sys.executable, "train_vlm_regression.py", *SMALL, "--output_dir", str(out), *extra]
+
+
+def run_train(out, *extra, env=None, check=True):
+    proc = subprocess.run(train_cmd(out, *extra), cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, **(env or {})))
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def epoch_rows(out):
+    with open(out / "metrics.jsonl") as f:
+        return [r for r in map(json.loads, f) if r.get("epoch_end")]
+
+
+def test_overfits_one_batch():
+    torch.manual_seed(0)
+    model, processor = mvr.build_model("tiny", lora_r=8, mlp_layers=2, head_dim=64)
+    records, _ = data.load_records("synthetic", split="train", synthetic=data.SyntheticConfig(num_train=4))
+    ds = data.CountingDataset(records[:4], seed=0)
+    batch = data.make_collate_fn(processor)([ds[i] for i in range(4)])
+    opt = tr.build_optimizer(model, lr=1e-3, mlp_lr=5e-3, weight_decay=0.0)
+    model.eval()  # no LoRA dropout: one fixed batch should be fit exactly
+    for step in range(300):
+        loss = mvr.regression_loss(model(**batch), batch["targets"])[0]
+        if loss.item() < 1e-3:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 1e-3, f"loss {loss.item():.5f} after {step} steps"
+
+
+def test_gradient_flow_check_fires_when_a_group_is_frozen():
+    model, processor = mvr.build_model("tiny", lora_r=8, mlp_layers=2, head_dim=64)
+    records, _ = data.load_records("synthetic", split="val", synthetic=data.SyntheticConfig(num_val=2))
+    ds = data.CountingDataset(records, seed=0)
+    batch = data.make_collate_fn(processor)([ds[0], ds[1]])
+    mvr.regression_loss(model(**batch), batch["targets"])[0].backward()
+    norms = tr.gradient_flow(model)
+    assert all(norms[g] > 0 for g in mvr.GROUPS)
+    model.zero_grad(set_to_none=True)
+    for p in model.y_head.parameters():  # the classic mistake: a head left out of training
+        p.requires_grad_(False)
+    mvr.regression_loss(model(**batch), batch["targets"])[0].backward()
+    with pytest.raises(RuntimeError, match="gradient-flow check failed: y_head received no gradient"):
+        tr.gradient_flow(model)
+
+
+def test_output_files_and_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    proc = run_train(out, "--epochs", "2", "--train_iters", "4", "--val_iters", "2")
+    assert "gradient flow on the first step" in proc.stdout
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["lr"] == 1e-3 and cfg["mlp_lr_effective"] == pytest.approx(5e-3) and cfg["world_size"] == 1
+    assert cfg["effective_batch_size"] == 2 and "transformers" in cfg["versions"]
+    rows = epoch_rows(out)
+    assert [r["epoch"] for r in rows] == [1, 2] and [r["step"] for r in rows] == [4, 8]
+    for key in ("train/loss", "train/loss_x", "train/loss_y", "val/loss", "val/loss_x", "val/loss_y",
+                "val/pixel_error"):
+        assert all(np.isfinite(r[key]) for r in rows), key
+    assert all(abs(r["val/loss"] - r["val/loss_x"] - r["val/loss_y"]) < 1e-5 for r in rows)
+    res = json.loads((out / "results.json").read_text())
+    assert res["status"] == "completed" and res["epochs_completed"] == 2
+    assert res["best_val_loss"] == min(r["val/loss"] for r in rows)
+    assert res["best_epoch"] == 1 + int(np.argmin([r["val/loss"] for r in rows]))
+    assert res["final_val_loss"] == rows[-1]["val/loss"] and res["baseline_val_loss"] > 0
+    assert res["trainable_params"] == cfg["trainable_params"] > 0
+    last, best = out / "checkpoints/last", out / "checkpoints/best"
+    assert json.loads((last / "state.json").read_text())["step"] == 8
+    assert json.loads((best / "state.json").read_text())["epoch"] == res["best_epoch"]
+    assert not glob.glob(str(out / "checkpoints/.tmp-*"))
+    model, processor = mvr.VLMRegressionModel.from_pretrained(str(best))
+    assert model.config["ordering"] == "reading_order"
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    args = ["--epochs", "2", "--train_iters", "24", "--val_iters", "2", "--checkpoint_every", "5"]
+    run_train(tmp_path / "straight", *args)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(out, *args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = out / "checkpoints/last/state.json"
+    deadline = time.time() + 120
+    while not (state.exists() and json.loads(state.read_text())["step"] >= 5):
+        assert proc.poll() is None and time.time() < deadline, "run ended before the first mid-epoch checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert json.loads(state.read_text())["batch_in_epoch"] > 0  # killed mid-epoch, no results yet
+    assert not (out / "results.json").exists()
+    run_train(out, *args, "--resume")
+    a, b = epoch_rows(tmp_path / "straight"), epoch_rows(out)
+    keys = ("epoch", "step", "train/loss", "train/loss_x", "train/loss_y", "val/loss", "val/pixel_error")
+    assert [[r[k] for k in keys] for r in b] == pytest.approx([[r[k] for k in keys] for r in a], rel=1e-5)
+    ra, rb = (json.loads((d / "results.json").read_text()) for d in (tmp_path / "straight", out))
+    assert rb["best_val_loss"] == pytest.approx(ra["best_val_loss"], rel=1e-5) and rb["step"] == ra["step"]
+
+
+def test_sigterm_saves_a_loadable_checkpoint_and_resume_completes(tmp_path):
+    out = tmp_path / "run"
+    args = ["--epochs", "2", "--train_iters", "40", "--val_iters", "1"]
+    proc = subprocess.Popen(train_cmd(out, *args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else ""
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == tr.EXIT_PREEMPTED, stdout[-2000:]
+    res = json.loads((out / "results.json").read_text())
+    state = json.loads((out / "checkpoints/last/state.json").read_text())
+    assert res["status"] == "preempted" and 0 < state["step"] < 80 and res["step"] == state["step"]
+    model, _ = mvr.VLMRegressionModel.from_pretrained(str(out / "checkpoints/last"))
+    assert model is not None
+    run_train(out, *args, "--resume")
+    res = json.loads((out / "results.json").read_text())
+    assert res["status"] == "completed" and res["step"] == 80 and res["epochs_completed"] == 2
+
+
+def test_wandb_offline_files_hold_metrics_and_images_and_no_key(tmp_path):
+    out = tmp_path / "run"
+    secret = "0123456789abcdef0123456789abcdef01234567"
+    run_train(out, "--epochs", "1", "--train_iters", "3", "--val_iters", "1", "--wandb_mode", "offline",
+              env={"WANDB_API_KEY": secret})
+    runs = glob.glob(str(out / "wandb/offline-run-*"))
+    assert len(runs) == 1
+    blob = open(glob.glob(os.path.join(runs[0], "run-*.wandb"))[0], "rb").read()
+    for key in (b"train/loss", b"val/loss", b"val/pixel_error", b"lr/heads", b"train/saturation"):
+        assert key in blob, key
+    assert len(glob.glob(os.path.join(runs[0], "files/media/images/*.png"))) == 2  # --num_val_images 2
+    assert b"Next location" in blob  # the prompt is the images' caption
+    for path in glob.glob(str(out / "**/*"), recursive=True):
+        if os.path.isfile(path):
+            assert secret.encode() not in open(path, "rb").read(), path
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    # an absurd head lr makes the head weights overflow on the first update: the next loss is NaN
+    proc = run_train(out, "--epochs", "1", "--train_iters", "6", "--val_iters", "1", "--mlp_lr", "1e30",
+                     "--max_grad_norm", "0", "--checkpoint_every", "1", check=False)
+    assert proc.returncode != 0
+    assert "error: non-finite loss" in proc.stderr and "optimizer step 2" in proc.stderr, proc.stderr[-2000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["status"] == "failed" and "non-finite" in res["error"]
+    assert json.loads((out / "checkpoints/last/state.json").read_text())["step"] == 1
+    mvr.VLMRegressionModel.from_pretrained(str(out / "checkpoints/last"))
