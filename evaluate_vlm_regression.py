@@ -1,0 +1,501 @@
+"""
+Count objects one at a time with a trained checkpoint (mark, predict the next object, mark it, repeat until the model
+stops) and score it: count MAE / RMSE against the mean-count baseline, and how well the points land on real objects.
+
+    python evaluate_vlm_regression.py --checkpoint runs/demo --split test                  # run dir -> checkpoints/best
+    python evaluate_vlm_regression.py --checkpoint runs/fsc/checkpoints/last --dataset fsc147 \\
+        --data_root /media/M2SSD/FSC147 --split test --output_dir runs/fsc/eval-test
+    python evaluate_vlm_regression.py --checkpoint runs/demo --mode next_point --split test   # teacher-forced
+
+--checkpoint is a training run's checkpoints/best or checkpoints/last, a checkpoints/step-N folder, or the run dir
+itself (its checkpoints/best). The data arguments default to the run's own (config.json: dataset, data_root,
+categories, object types, synthetic settings, seed); ordering, min_pixels and max_pixels to the checkpoint's
+(regression_config.json), because the prompt and the image size must be the ones the model was trained on.
+Outputs in --output_dir (default <run dir>/eval/<dataset>-<split>[-next_point]): predictions.jsonl, metrics.json,
+vis/*.png. See docs/EVALUATION.md.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections import Counter
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import dataset as data
+import model_vlm_regression as mvr
+import utils
+
+# A prediction this close to (-1, -1) in normalized units (both coordinates) means "all counted": 0.05 is 2.5% of the
+# image side from the top-left corner, where a real object's centre rarely lies.
+DONE_THRESHOLD = 0.05
+# max_steps defaults to 2 x the largest ground-truth count of the evaluated images + 5 (room for over-counting, the
+# error we want to see), capped: FSC-147's largest image holds 3,731 objects, and a model that never stops should not
+# burn more forward passes than that on one image.
+MAX_STEPS_CAP = 4000
+STOP_REASONS = ("done", "repeat", "max_steps")
+
+
+# -----------------------------------------------------------------------------
+# Pure pieces: stop rule, matching, metrics (numpy in, numpy out)
+
+
+def default_max_steps(records):
+    return min(2 * max((len(r.points) for r in records), default=0) + 5, MAX_STEPS_CAP)
+
+
+def stop_reason(pred, marked, width, height, stop_radius, done_threshold=DONE_THRESHOLD):
+    """Why counting stops at this prediction, or None to count it. pred: normalized (2,); marked: (k, 2) pixels of
+    the objects counted so far, in the model-input frame of size (width, height).
+    'done': the model answers (-1, -1), as trained with --done_fraction. 'repeat': it points at an object it already
+    counted (within stop_radius px of a mark), which is what a model trained without DONE samples does when none is
+    left; the point is not counted."""
+    pred = np.asarray(pred, np.float64).reshape(2)
+    if pred[0] <= -1 + done_threshold and pred[1] <= -1 + done_threshold:
+        return "done"
+    marked = np.asarray(marked, np.float64).reshape(-1, 2)
+    if len(marked):
+        xy = utils.denormalize_points(pred, width, height)[0]
+        if np.linalg.norm(marked - xy, axis=1).min() <= stop_radius:
+            return "repeat"
+    return None
+
+
+def match_points(pred, gt, radius):
+    """Number of one-to-one matches between predicted and ground-truth points (pixels) at most `radius` apart.
+    Hungarian matching on a cost that makes any extra match worth more than any distance saved, so the count of
+    matches is the maximum possible (minimising plain total distance can trade two near matches for two far ones)."""
+    from scipy.optimize import linear_sum_assignment
+
+    pred = np.asarray(pred, np.float64).reshape(-1, 2)
+    gt = np.asarray(gt, np.float64).reshape(-1, 2)
+    if not len(pred) or not len(gt):
+        return 0
+    d = np.linalg.norm(pred[:, None, :] - gt[None, :, :], axis=2)
+    ok = d <= radius
+    rows, cols = ok.any(1), ok.any(0)  # points with no partner in range cannot match: drop them (FSC-147 is big)
+    d, ok = d[rows][:, cols], ok[rows][:, cols]
+    if not ok.any():
+        return 0
+    cost = np.where(ok, d, radius * (min(d.shape) + 1) + 1.0)
+    r, c = linear_sum_assignment(cost)
+    return int(ok[r, c].sum())
+
+
+def count_metrics(predictions, train_mean_count=None):
+    """Count error, localisation and stopping statistics of count_records' per-image predictions."""
+    gt = np.array([p["gt_count"] for p in predictions], np.float64)
+    pred = np.array([p["pred_count"] for p in predictions], np.float64)
+    err = pred - gt
+    tp = sum(p["num_matched"] for p in predictions)
+    precision = tp / pred.sum() if pred.sum() else 0.0
+    recall = tp / gt.sum() if gt.sum() else 0.0
+    n = len(predictions)
+    m = {
+        "num_images": n,
+        "mae": float(np.abs(err).mean()) if n else None,
+        "rmse": float(np.sqrt((err ** 2).mean())) if n else None,
+        "mean_count_error": float(err.mean()) if n else None,  # > 0: over-counts
+        "precision": float(precision),
+        "recall": float(recall),
+        "f1": float(2 * precision * recall / (precision + recall)) if precision + recall else 0.0,
+        "mean_steps": float(np.mean([p["steps"] for p in predictions])) if n else None,
+        "stop_reasons": {k: v for k, v in Counter(p["stop_reason"] for p in predictions).items()},
+        "gt_count_mean": float(gt.mean()) if n else None,
+        "pred_count_mean": float(pred.mean()) if n else None,
+    }
+    if train_mean_count is not None:
+        base = float(train_mean_count) - gt
+        m["train_mean_count"] = float(train_mean_count)
+        m["baseline_mean_count_mae"] = float(np.abs(base).mean()) if n else None
+        m["baseline_mean_count_rmse"] = float(np.sqrt((base ** 2).mean())) if n else None
+    return m
+
+
+def _model_device(model):
+    p = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _data_settings(model, ordering, min_pixels, max_pixels):
+    """Unset settings come from the model's recorded training config (regression_config.json), then the defaults."""
+    cfg = getattr(model, "config", None)
+    cfg = cfg if isinstance(cfg, dict) else {}
+    return (ordering or cfg.get("ordering") or "reading_order", int(min_pixels or cfg.get("min_pixels") or data.MIN_PIXELS),
+            int(max_pixels or cfg.get("max_pixels") or data.MAX_PIXELS))
+
+
+def _original_size(record):
+    if record.width and record.height:
+        return record.width, record.height
+    return record.load_image().size
+
+
+def _to_original_frame(points, record, model_size):
+    """Pixel points of the model-input frame -> the frame of the image on disk (where annotations live)."""
+    w, h = _original_size(record)
+    return (np.asarray(points, np.float64).reshape(-1, 2) * [w / model_size[0], h / model_size[1]]).tolist()
+
+
+# -----------------------------------------------------------------------------
+# Sequential counting
+
+
+@torch.no_grad()
+def count_records(model, processor, records, *, ordering=None, min_pixels=None, max_pixels=None, batch_size=8,
+                  stop_radius=None, max_steps=None, match_radius=None, train_mean_count=None,
+                  done_threshold=DONE_THRESHOLD, progress=False):
+    """Count the objects of each record one at a time: {"metrics": {...}, "predictions": [one dict per record]}.
+
+    Up to batch_size images advance together, one forward pass per step; an image that stops leaves the batch and
+    the next record takes its place. Each image is loaded and resized once (dataset.prepare_image, as in training);
+    a step only pastes the new label onto the image already marked (utils.mark_objects draws labels in order, so this
+    equals marking all points at once). Distances (stop_radius, match_radius) are pixels of the model-input frame;
+    None = the image's mark radius (utils.mark_radius: a prediction on a drawn label repeats a counted object).
+    ordering/min_pixels/max_pixels None = the model's training config. Reported points are in the original frame.
+    """
+    ordering, min_pixels, max_pixels = _data_settings(model, ordering, min_pixels, max_pixels)
+    max_steps = int(max_steps) if max_steps else default_max_steps(records)
+    device = _model_device(model)
+    was_training = getattr(model, "training", False)
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    queue = iter(enumerate(records))
+    active, results, skipped, forwards = [], [None] * len(records), 0, 0
+    bar = tqdm(total=len(records), desc="counting", unit="img", disable=not progress, dynamic_ncols=True,
+               mininterval=1 if sys.stderr.isatty() else 30, file=sys.stderr)
+    t0 = time.time()
+
+    def admit():
+        nonlocal skipped
+        while len(active) < batch_size:
+            nxt = next(queue, None)
+            if nxt is None:
+                return
+            i, rec = nxt
+            try:
+                image, gt = data.prepare_image(rec, min_pixels, max_pixels)
+            except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for missing/corrupt/truncated files
+                warnings.warn(f"{rec.image_path or rec.image_id}: unreadable image ({e}); not evaluated")
+                skipped += 1
+                bar.update(1)
+                continue
+            w, h = image.size
+            active.append({"i": i, "record": rec, "marked": image, "size": (w, h), "gt": gt, "points": [],
+                           "mark_radius": utils.mark_radius(w, h)})
+
+    def finish(s, reason):
+        rec, pts = s["record"], np.asarray(s["points"], np.float64).reshape(-1, 2)
+        radius = match_radius if match_radius is not None else s["mark_radius"]
+        results[s["i"]] = {"image": rec.image_id, "object_type": rec.object_type, "gt_count": int(len(rec.points)),
+                           "pred_count": int(len(pts)), "stop_reason": reason, "steps": s["steps"],
+                           "num_matched": match_points(pts, s["gt"], radius),
+                           "points": _to_original_frame(pts, rec, s["size"])}
+        bar.update(1)
+
+    try:
+        admit()
+        while active:
+            texts = [mvr.render_prompt(processor, s["record"].object_type, len(s["points"]), ordering) for s in active]
+            batch = processor(text=texts, images=[s["marked"] for s in active], padding=True, return_tensors="pt")
+            batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
+            pred = model(**batch).float().cpu().numpy()
+            forwards += len(active)
+            still = []
+            for s, p in zip(active, pred):
+                s["steps"] = len(s["points"]) + 1
+                w, h = s["size"]
+                radius = stop_radius if stop_radius is not None else s["mark_radius"]
+                reason = stop_reason(p, s["points"], w, h, radius, done_threshold)
+                if reason is None:
+                    xy = utils.denormalize_points(p, w, h)[0]
+                    s["marked"] = utils.mark_objects(s["marked"], xy[None], start_index=len(s["points"]) + 1,
+                                                     radius=s["mark_radius"])
+                    s["points"].append(xy.astype(np.float64))
+                    if len(s["points"]) >= max_steps:
+                        reason = "max_steps"
+                if reason:
+                    finish(s, reason)
+                else:
+                    still.append(s)
+            active[:] = still
+            admit()
+    finally:
+        bar.close()
+        if was_training:
+            model.train()
+    seconds = time.time() - t0
+    predictions = [r for r in results if r is not None]
+    metrics = count_metrics(predictions, train_mean_count)
+    counted = sum(p["pred_count"] for p in predictions)
+    metrics.update(
+        images_per_s=len(predictions) / seconds if seconds > 0 else None, seconds=seconds, forward_passes=forwards,
+        forwards_per_counted_object=forwards / counted if counted else None, skipped_images=skipped,
+        settings={"ordering": ordering, "min_pixels": min_pixels, "max_pixels": max_pixels, "batch_size": batch_size,
+                  "max_steps": max_steps, "done_threshold": done_threshold,
+                  "stop_radius": "mark radius" if stop_radius is None else stop_radius,
+                  "match_radius": "mark radius" if match_radius is None else match_radius})
+    return {"metrics": metrics, "predictions": predictions}
+
+
+# -----------------------------------------------------------------------------
+# Teacher-forced next point: k ground-truth objects marked, where does the model point?
+
+
+@torch.no_grad()
+def next_point_records(model, processor, records, *, ordering=None, min_pixels=None, max_pixels=None, batch_size=8,
+                       match_radius=None, seed=0, progress=False):
+    """One sample per record, built exactly like validation (dataset.CountingDataset: k ~ U{0..N-1} objects marked
+    in `ordering`, seeded by `seed`). Reports the pixel error to the ordering's next object and the rate at which the
+    prediction lands on *any* unmarked object (within match_radius; None = the mark radius): the ordering is
+    ambiguous, landing on an uncounted object is what counting needs. Also the rate of landing on a marked one."""
+    ordering, min_pixels, max_pixels = _data_settings(model, ordering, min_pixels, max_pixels)
+    ds = data.CountingDataset(records, ordering, min_pixels, max_pixels, done_fraction=0.0, seed=seed)
+    collate = data.make_collate_fn(processor, ordering)
+    device = _model_device(model)
+    was_training = getattr(model, "training", False)
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    by_key = {(r.image_id, r.object_type): r for r in records}
+    predictions, t0 = [], time.time()
+    try:
+        for start in tqdm(range(0, len(ds), batch_size), desc="next point", disable=not progress, dynamic_ncols=True,
+                          file=sys.stderr):
+            samples = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
+            batch = {k: v.to(device) for k, v in collate(samples).items()}
+            pred = model(**batch).float().cpu().numpy()
+            for s, p in zip(samples, pred):
+                w, h = s.image.size
+                k = s.num_marked
+                xy = utils.denormalize_points(p, w, h)[0].astype(np.float64)
+                dist = np.linalg.norm(s.points.astype(np.float64) - xy, axis=1)
+                radius = match_radius if match_radius is not None else utils.mark_radius(w, h)
+                rec = by_key[(s.image_id, s.object_type)]
+                predictions.append({
+                    "image": s.image_id, "object_type": s.object_type, "gt_count": int(len(s.points)),
+                    "num_marked": k, "pixel_error": float(dist[k]),
+                    "hit_unmarked": bool(dist[k:].min() <= radius), "hit_target": bool(dist[k] <= radius),
+                    "hit_marked": bool(k > 0 and dist[:k].min() <= radius),
+                    "target": _to_original_frame(s.points[k], rec, (w, h))[0],
+                    "pred": _to_original_frame(xy, rec, (w, h))[0]})
+    finally:
+        if was_training:
+            model.train()
+    seconds = time.time() - t0
+    err = np.array([p["pixel_error"] for p in predictions])
+    rate = lambda key: float(np.mean([p[key] for p in predictions])) if predictions else None  # noqa: E731
+    metrics = {"num_samples": len(predictions),
+               "pixel_error": float(err.mean()) if len(err) else None,
+               "median_pixel_error": float(np.median(err)) if len(err) else None,
+               "hit_rate_unmarked": rate("hit_unmarked"), "hit_rate_target": rate("hit_target"),
+               "hit_rate_marked": rate("hit_marked"),
+               "samples_per_s": len(predictions) / seconds if seconds > 0 else None, "seconds": seconds,
+               "settings": {"ordering": ordering, "min_pixels": min_pixels, "max_pixels": max_pixels, "seed": seed,
+                            "match_radius": "mark radius" if match_radius is None else match_radius}}
+    return {"metrics": metrics, "predictions": predictions}
+
+
+# -----------------------------------------------------------------------------
+# Visualisations
+
+
+def count_visualisation(record, prediction, min_pixels, max_pixels, ordering=None):
+    """(final marks as the model last saw them | ground truth as green circles), counts in the caption."""
+    image, gt = data.prepare_image(record, min_pixels, max_pixels)
+    w0, h0 = _original_size(record)
+    pts = np.asarray(prediction["points"], np.float64).reshape(-1, 2) * [image.width / w0, image.height / h0]
+    truth = image
+    for g in gt:
+        truth = utils.draw_prediction(truth, None, g)
+    panel = utils.side_by_side(utils.mark_objects(image, pts), truth)
+    return utils.add_caption(panel, f"{record.image_id} | {record.object_type}: predicted {prediction['pred_count']}"
+                                    f", ground truth {prediction['gt_count']} (stop: {prediction['stop_reason']})")
+
+
+def next_point_visualisation(record, prediction, min_pixels, max_pixels, ordering="reading_order"):
+    """(input as marked | prediction as a red cross, the ordering's next object as a green circle)."""
+    image, gt = data.prepare_image(record, min_pixels, max_pixels)
+    w0, h0 = _original_size(record)
+    scale = np.array([image.width / w0, image.height / h0])
+    marked = utils.mark_objects(image, gt[data.order_points(gt, ordering)][: prediction["num_marked"]])
+    drawn = utils.draw_prediction(marked, np.array(prediction["pred"]) * scale, np.array(prediction["target"]) * scale)
+    return utils.add_caption(utils.side_by_side(marked, drawn),
+                             f"{record.image_id} | {record.object_type}: {prediction['num_marked']} marked, error "
+                             f"{prediction['pixel_error']:.1f} px, on an unmarked object: {prediction['hit_unmarked']}")
+
+
+# -----------------------------------------------------------------------------
+# CLI: checkpoint and arguments, files
+
+
+def resolve_checkpoint(path):
+    """(checkpoint folder, run dir or None) for a checkpoint folder, checkpoints/best|last, or a run dir."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint folder or run dir")
+    if os.path.isfile(os.path.join(path, "regression_config.json")):
+        ckpt = path
+    else:
+        ckpt = next((os.path.join(path, "checkpoints", n) for n in ("best", "last")
+                     if os.path.isfile(os.path.join(path, "checkpoints", n, "regression_config.json"))), None)
+        if ckpt is None:
+            raise FileNotFoundError(f"{path}: neither a checkpoint (regression_config.json) nor a run dir with "
+                                    f"checkpoints/best or checkpoints/last")
+    # <run>/checkpoints/<best|last|step-N>: the run dir is two levels up (symlinks resolve to the same place)
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt)))
+    return ckpt, run_dir if os.path.isfile(os.path.join(run_dir, "config.json")) else None
+
+
+# Inherited from the run's config.json. Not min/max_objects: a test set is not filtered by a training budget.
+RUN_DATA_KEYS = ("dataset", "data_root", "categories", "object_types", "seed", "train_split", "synthetic_image_size",
+                 "synthetic_min_count", "synthetic_max_count", "synthetic_num_train", "synthetic_num_val",
+                 "synthetic_num_test", "synthetic_distractor_types")
+DATASET_SPECIFIC_KEYS = ("data_root", "categories", "object_types", "train_split")
+
+
+def checkpoint_defaults(ckpt, run_dir, dataset=None):
+    """Argument defaults recorded by training: the run's data arguments, the checkpoint's ordering and pixel bounds.
+    When the user picks another --dataset, the run's dataset-specific ones (data_root, ...) do not apply."""
+    out = {}
+    if run_dir:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            run = json.load(f)
+        out = {k: run[k] for k in RUN_DATA_KEYS + ("ordering", "min_pixels", "max_pixels") if k in run}
+        if dataset and dataset != run.get("dataset"):
+            out = {k: v for k, v in out.items() if k not in DATASET_SPECIFIC_KEYS}
+    with open(os.path.join(ckpt, "regression_config.json")) as f:
+        reg = json.load(f)
+    out.update({k: reg[k] for k in ("ordering", "min_pixels", "max_pixels") if reg.get(k)})
+    return out
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoints/best|last, a step-N folder, or a run dir")
+    p.add_argument("--split", default="test", help="split to evaluate (val/valid, test, train)")
+    p.add_argument("--train_split", default="train", help="split whose mean count is the baseline")
+    p.add_argument("--output_dir", default=None, help="default: <run dir>/eval/<dataset>-<split>[-next_point]")
+    p.add_argument("--mode", default="count", choices=("count", "next_point"),
+                   help="count: sequential counting; next_point: teacher-forced next-point error")
+    p.add_argument("--num_images", type=int, default=0, help="evaluate the split's first N records; 0 = all")
+    p.add_argument("--batch_size", type=int, default=8, help="images advancing together")
+    p.add_argument("--stop_radius", type=float, default=None,
+                   help="stop when a prediction is this close (model-input px) to a marked object; default: the "
+                        "mark radius (~2%% of sqrt(area), 8 px at 224)")
+    p.add_argument("--max_steps", type=int, default=None,
+                   help=f"most objects counted per image; default: 2 x the largest gt count + 5, at most {MAX_STEPS_CAP}")
+    p.add_argument("--done_threshold", type=float, default=DONE_THRESHOLD,
+                   help="both normalized coordinates within this of -1 = 'all counted'")
+    p.add_argument("--match_radius", type=float, default=None,
+                   help="a predicted point within this many model-input px of an object localises it; default: the "
+                        "mark radius")
+    p.add_argument("--num_vis", type=int, default=8, help="visualisations written for the first N records")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--seed", type=int, default=42, help="synthetic data seed (default: the run's); next_point's k")
+    p.add_argument("--wandb_mode", default="disabled", choices=("online", "offline", "disabled"))
+    p.add_argument("--wandb_project", default="vlm-sequential-counting")
+    data.add_data_args(p)
+    p.set_defaults(dataset=None)  # None = not given: the run's dataset
+    first, _ = p.parse_known_args(argv)
+    ckpt, run_dir = resolve_checkpoint(first.checkpoint)
+    p.set_defaults(**checkpoint_defaults(ckpt, run_dir, first.dataset))
+    args = p.parse_args(argv)
+    args.dataset = args.dataset or "synthetic"
+    args.checkpoint_dir, args.run_dir = ckpt, run_dir
+    if args.dataset != "synthetic" and not args.data_root:
+        p.error(f"--data_root is required for --dataset {args.dataset}")
+    if args.output_dir is None:
+        suffix = "-next_point" if args.mode == "next_point" else ""
+        args.output_dir = os.path.join(run_dir or ckpt, "eval", f"{args.dataset}-{args.split}{suffix}")
+    return args
+
+
+def write_text_atomic(path, text):
+    """Temp file + rename: a reader never sees half a file, and an interrupted run leaves the previous one intact."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def _safe_name(s):
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in s)[-60:]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        records, _ = data.records_from_args(args, args.split)
+        train_records = data.records_from_args(args, args.train_split)[0] if args.mode == "count" else []
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
+    records = records[: args.num_images] if args.num_images else records
+    if not records:
+        sys.exit(f"error: no records in {args.dataset} split {args.split!r}")
+    model, processor = mvr.VLMRegressionModel.from_pretrained(args.checkpoint_dir, device=device)
+    # our images arrive at model_input_size for these bounds, so the processor must not resize them again
+    processor.image_processor.size = dict(processor.image_processor.size, shortest_edge=args.min_pixels,
+                                          longest_edge=args.max_pixels)
+    print(f"evaluating {os.path.realpath(args.checkpoint_dir)} on {args.dataset} {args.split}: {len(records)} records, "
+          f"mode {args.mode}, device {device}", file=sys.stderr)
+    kw = dict(ordering=args.ordering, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+              batch_size=args.batch_size, match_radius=args.match_radius, progress=True)
+    if args.mode == "count":
+        train_mean = float(np.mean([len(r.points) for r in train_records])) if train_records else None
+        out = count_records(model, processor, records, stop_radius=args.stop_radius, max_steps=args.max_steps,
+                            train_mean_count=train_mean, done_threshold=args.done_threshold, **kw)
+        draw = count_visualisation
+    else:
+        out = next_point_records(model, processor, records, seed=args.seed + 1, **kw)  # +1: training's val seed
+        draw = next_point_visualisation
+    metrics = dict(out["metrics"], mode=args.mode, checkpoint=os.path.realpath(args.checkpoint_dir),
+                   dataset=args.dataset, split=args.split)
+
+    os.makedirs(os.path.join(args.output_dir, "vis"), exist_ok=True)
+    write_text_atomic(os.path.join(args.output_dir, "predictions.jsonl"),
+                      "".join(json.dumps(p) + "\n" for p in out["predictions"]))
+    write_text_atomic(os.path.join(args.output_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
+    by_key = {(r.image_id, r.object_type): r for r in records}
+    images = []
+    for n, p in enumerate(out["predictions"][: args.num_vis]):
+        im = draw(by_key[(p["image"], p["object_type"])], p, args.min_pixels, args.max_pixels, args.ordering)
+        im.save(os.path.join(args.output_dir, "vis", f"{n:03d}_{_safe_name(p['image'])}.png"))
+        images.append((im, f"{p['image']} {p['object_type']}"))
+    if args.wandb_mode != "disabled":
+        import wandb
+
+        run = wandb.init(project=args.wandb_project, mode=args.wandb_mode, dir=args.output_dir, job_type="eval",
+                         config={k: v for k, v in vars(args).items() if not k.startswith("_")})
+        run.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None})
+        run.log({"eval/images": [wandb.Image(im, caption=c) for im, c in images]})
+        run.finish()
+
+    print(summary_line(metrics))
+    print(f"wrote {args.output_dir}/metrics.json, predictions.jsonl, vis/ ({len(images)} images)", file=sys.stderr)
+    return metrics
+
+
+def summary_line(m):
+    if m["mode"] == "next_point":
+        return (f"next point on {m['num_samples']} samples: error {m['pixel_error']:.1f} px (median "
+                f"{m['median_pixel_error']:.1f}), lands on an unmarked object {m['hit_rate_unmarked']:.1%}, on the "
+                f"ordering's next {m['hit_rate_target']:.1%}, on a marked one {m['hit_rate_marked']:.1%}; "
+                f"{m['samples_per_s']:.2f} samples/s")
+    base = (f" (mean-count baseline MAE {m['baseline_mean_count_mae']:.3f}, RMSE {m['baseline_mean_count_rmse']:.3f})"
+            if m.get("baseline_mean_count_mae") is not None else "")
+    fpo = m["forwards_per_counted_object"]
+    return (f"{m['num_images']} images: count MAE {m['mae']:.3f}, RMSE {m['rmse']:.3f}{base}; localisation P "
+            f"{m['precision']:.3f} R {m['recall']:.3f} F1 {m['f1']:.3f}; stops {m['stop_reasons']}; mean steps "
+            f"{m['mean_steps']:.2f}; {m['images_per_s']:.2f} images/s, "
+            f"{'n/a' if fpo is None else f'{fpo:.2f}'} forward passes per counted object")
+
+
+if __name__ == "__main__":
+    main()
