@@ -127,7 +127,8 @@ def _data_settings(model, ordering, min_pixels, max_pixels):
     """Unset settings come from the model's recorded training config (regression_config.json), then the defaults."""
     cfg = getattr(model, "config", None)
     cfg = cfg if isinstance(cfg, dict) else {}
-    return (ordering or cfg.get("ordering") or "reading_order", int(min_pixels or cfg.get("min_pixels") or data.MIN_PIXELS),
+    return (ordering or cfg.get("ordering") or "reading_order",
+            int(min_pixels or cfg.get("min_pixels") or data.MIN_PIXELS),
             int(max_pixels or cfg.get("max_pixels") or data.MAX_PIXELS))
 
 
@@ -388,7 +389,8 @@ def parse_args(argv=None):
                    help="stop when a prediction is this close (model-input px) to a marked object; default: the "
                         "mark radius (~2%% of sqrt(area), 8 px at 224)")
     p.add_argument("--max_steps", type=int, default=None,
-                   help=f"most objects counted per image; default: 2 x the largest gt count + 5, at most {MAX_STEPS_CAP}")
+                   help="most objects counted per image; default: 2 x the largest ground-truth count + 5, at most "
+                        f"{MAX_STEPS_CAP}")
     p.add_argument("--done_threshold", type=float, default=DONE_THRESHOLD,
                    help="both normalized coordinates within this of -1 = 'all counted'")
     p.add_argument("--match_radius", type=float, default=None,

@@ -81,7 +81,7 @@ class ScriptedModel(torch.nn.Module):
                 continue
             marks = utils.denormalize_points(np.array([self.point(name, j) for j in range(k)]), *image.size)
             expected = self.processor.image_processor(images=[utils.mark_objects(image, marks)], return_tensors="pt")
-            assert torch.equal(pixels, expected["pixel_values"]), f"{name}: marked image differs from training's at k={k}"
+            assert torch.equal(pixels, expected["pixel_values"]), f"{name}: image differs from training's at k={k}"
             out.append(self.point(name, k))
         self.calls.append(len(texts))
         return torch.tensor(np.array(out), dtype=torch.float32)
@@ -138,7 +138,8 @@ def test_hungarian_matching_is_one_to_one_and_maximal():
 # Counting with the stand-in: every number computed by hand
 
 EXPECTED = {  # type: (pred count, stop reason, forward passes, predictions within 8 px of an object)
-    "eggs": (3, "done", 4, 3), "cups": (2, "repeat", 3, 2), "coins": (13, "max_steps", 13, 2), "cells": (0, "done", 1, 0)}
+    "eggs": (3, "done", 4, 3), "cups": (2, "repeat", 3, 2), "coins": (13, "max_steps", 13, 2),
+    "cells": (0, "done", 1, 0)}
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 8])
@@ -148,7 +149,8 @@ def test_counting_metrics_by_hand(tiny_processor, fixture_records, batch_size):
     preds = {p["object_type"]: p for p in out["predictions"]}
     for name, (count, reason, steps, matched) in EXPECTED.items():
         p = preds[name]
-        assert (p["pred_count"], p["stop_reason"], p["steps"], p["num_matched"]) == (count, reason, steps, matched), name
+        got = (p["pred_count"], p["stop_reason"], p["steps"], p["num_matched"])
+        assert got == (count, reason, steps, matched), name
         assert p["gt_count"] == len(RECORDS[name][1]) and p["image"] == f"img{list(RECORDS).index(name)}"
     # points come back in the frame of the file (100x60), in counting order
     np.testing.assert_allclose(preds["cups"]["points"], RECORDS["cups"][1], atol=1e-3)
@@ -307,7 +309,7 @@ def test_batched_counting_equals_one_by_one(trained, fixture_records):
     kw = dict(max_steps=3, stop_radius=0.0)  # the untrained model would often stop at step 2; run all 3 steps
     batched = ev.count_records(model, processor, fixture_records, batch_size=4, **kw)["predictions"]
     single = [ev.count_records(model, processor, [r], batch_size=1, **kw)["predictions"][0] for r in fixture_records]
-    assert all(b["stop_reason"] == "max_steps" for b in batched)  # three steps each, the batch shrinking never
+    assert all(b["stop_reason"] == "max_steps" for b in batched)  # every image runs all three steps
     for b, s in zip(batched, single):
         assert (b["pred_count"], b["stop_reason"]) == (s["pred_count"], s["stop_reason"])
         np.testing.assert_allclose(b["points"], s["points"], atol=0.05)
