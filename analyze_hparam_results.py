@@ -344,8 +344,10 @@ def plot_heatmap(df, path):
     im = ax.imshow(table.values, cmap="viridis_r", aspect="auto")
     ax.set_xticks(range(table.shape[1]), [str(c) for c in table.columns])
     ax.set_yticks(range(table.shape[0]), [str(i) for i in table.index])
-    for (i, j), v in pd.DataFrame(table.values).stack().items():
-        ax.text(j, i, f"{v:.4f}", ha="center", va="center", color="white", fontsize=9)
+    lo, hi = np.nanmin(table.values), np.nanmax(table.values)
+    for (i, j), v in pd.DataFrame(table.values).stack().items():  # dark text on the light (low-loss) cells
+        dark = hi == lo or (v - lo) / (hi - lo) < 0.5
+        ax.text(j, i, f"{v:.4f}", ha="center", va="center", color="black" if dark else "white", fontsize=9)
     ax.set(xlabel="LoRA alpha", ylabel="LoRA rank r", title="best val loss (min over lr, MLP layers)")
     fig.colorbar(im, ax=ax)
     save_figure(fig, path)
@@ -357,12 +359,14 @@ def plot_mlp(df, path):
     depths = sorted(df.mlp_layers.unique())
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.boxplot([df[df.mlp_layers == d].best_val_loss for d in depths], positions=range(len(depths)), widths=0.5)
-    for i, d in enumerate(depths):
-        ys = df[df.mlp_layers == d].best_val_loss
-        ax.scatter([i] * len(ys), ys, alpha=0.5, s=15, color="C0")
+    for i, (lr, g) in enumerate(df.groupby("lr")):  # the same lr across depths: depth's effect apart from lr's
+        best = g.groupby("mlp_layers").best_val_loss.min()
+        ax.plot([depths.index(d) for d in best.index], best.values, ".-", color=f"C{i}", alpha=0.8,
+                label=f"lr {fmt(lr, 'lr')} (best)")
     baseline_line(ax, df)
     ax.set_xticks(range(len(depths)), [str(int(d)) for d in depths])
-    ax.set(xlabel="MLP layers per head", ylabel="best val loss", title="effect of head depth (all runs)")
+    ax.set(xlabel="MLP layers per head", ylabel="best val loss", title="effect of head depth (box: all runs)")
+    ax.legend(fontsize=7)
     save_figure(fig, path)
 
 
@@ -376,6 +380,7 @@ def plot_curves(runs, ranked, path, k=5):
         epochs = [e for e, _, _ in curve]
         ax.plot(epochs, [v for _, _, v in curve], "o-", color=f"C{i}", label=f"{name} (val)")
         ax.plot(epochs, [t for _, t, _ in curve], "--", color=f"C{i}", alpha=0.6)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set(xlabel="epoch", ylabel="loss", title=f"top {k}: val (solid) and train (dashed) loss")
     ax.legend(fontsize=7)
     save_figure(fig, path)
@@ -450,6 +455,11 @@ def main(argv=None):
     table = markdown_table(ranked, args.top)
     print(table if len(done) else "(no completed run yet)")
 
+    noted = done[done.problem != ""]
+    if len(noted):
+        print(f"\nRanked, with problems ({len(noted)}):")
+        for row in noted.itertuples(index=False):
+            print(f"  {row.run}: {row.problem}")
     others = ranked[ranked.status != "completed"]
     if len(others):
         print(f"\nNot ranked ({len(others)}):")
