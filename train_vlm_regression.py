@@ -505,7 +505,13 @@ def main(argv=None):
     # ---- done
     final = results(state, "completed", trainable, t_start)
     if args.eval_count_images and is_main:
-        final["count_eval"] = end_of_training_count_eval(raw_model, processor, val_records, args)
+        import evaluate_vlm_regression as ev
+
+        mean_count = float(np.mean([len(r.points) for r in train_records]))
+        final["count_eval"] = ev.count_records(
+            raw_model, processor, val_records[: args.eval_count_images], ordering=args.ordering,
+            min_pixels=args.min_pixels, max_pixels=args.max_pixels, batch_size=args.batch_size,
+            train_mean_count=mean_count)["metrics"]
     if is_main:
         write_json_atomic(os.path.join(run_dir, "results.json"), final)
         log(f"done: best val loss {final['best_val_loss']:.4f} at epoch {final['best_epoch']} (baseline "
@@ -549,12 +555,6 @@ def init_wandb(args, config, run_dir):
     if mode == "offline":
         tqdm.write(f"W&B offline: upload later with `wandb sync {os.path.join(run_dir, 'wandb', 'offline-run-*')}`")
     return run
-
-
-def end_of_training_count_eval(model, processor, records, args):
-    import evaluate_vlm_regression as ev
-
-    return ev.count_records(model, processor, records[: args.eval_count_images], args)["metrics"]
 
 
 if __name__ == "__main__":
