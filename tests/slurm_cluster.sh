@@ -36,6 +36,7 @@ START_TIMEOUT=${SLURM_START_TIMEOUT:-60}
 export SLURM_CONF="$D/etc/slurm.conf"
 
 log() { echo "[slurm_cluster $(date +%T)] $*" >&2; }
+trap 'log "failed (exit $?) at line $LINENO: $BASH_COMMAND"' ERR
 alive() { local s; s=$(ps -o stat= -p "$1" 2>/dev/null) || return 1; [ -n "$s" ] && [ "${s#Z}" = "$s" ]; }
 pid_of() { if [ -s "$1" ]; then cat "$1"; fi; }
 wait_gone() {  # wait_gone SECONDS PID...
@@ -150,8 +151,14 @@ EOF
 start_accounting() {
   mkdir -p "$D/db"
   chown mysql:mysql "$D/db"
-  mariadb-install-db --user=mysql --datadir="$D/db/data" --auth-root-authentication-method=normal \
-    --skip-test-db > "$D/log/mariadb-install.log" 2>&1
+  if ! runuser -u mysql -- test -w "$D/db"; then
+    log "user mysql cannot write $D/db: make SLURM_LOCAL_DIR's parent folders traversable (chmod o+x) or move it"
+    return 1
+  fi
+  if ! mariadb-install-db --user=mysql --datadir="$D/db/data" --auth-root-authentication-method=normal \
+    --skip-test-db > "$D/log/mariadb-install.log" 2>&1; then
+    log "mariadb-install-db failed:"; tail -20 "$D/log/mariadb-install.log" >&2; return 1
+  fi
   nohup setsid mariadbd --no-defaults --user=mysql --datadir="$D/db/data" --socket="$D/db/mysqld.sock" \
     --pid-file="$D/db/mariadbd.pid" --bind-address=127.0.0.1 --port="$DB_PORT" \
     --log-error="$D/db/mariadbd.err" --innodb-lock-wait-timeout=900 < /dev/null > /dev/null 2>&1 &
