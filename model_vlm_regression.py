@@ -208,6 +208,36 @@ def resolve_model_name(model_name):
     return tiny_model_dir() if model_name == "tiny" else model_name
 
 
+def random_weights_dir(model_name):
+    """A folder holding `model_name`'s architecture with random weights (for benchmarks without a download), with
+    its own processor if the hub cache has it, else the tiny one (the token ids are set to match). Cached."""
+    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+
+    cache = os.path.dirname(tiny_model_dir())
+    path = os.path.join(cache, "random-" + model_name.replace("/", "--"))
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    config = load_architecture_config(model_name)
+    try:
+        processor = AutoProcessor.from_pretrained(resolve_model_name(model_name), local_files_only=True)
+    except OSError:
+        processor = AutoProcessor.from_pretrained(tiny_model_dir())
+    ids = processor.tokenizer.convert_tokens_to_ids
+    config.image_token_id, config.video_token_id = ids("<|image_pad|>"), ids("<|video_pad|>")
+    config.vision_start_token_id, config.vision_end_token_id = ids("<|vision_start|>"), ids("<|vision_end|>")
+    torch.manual_seed(0)
+    model = Qwen3VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+    tmp = tempfile.mkdtemp(prefix=".random-", dir=cache)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    del model
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
 # -----------------------------------------------------------------------------
 # Loading the processor and the base model
 

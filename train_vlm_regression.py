@@ -131,10 +131,9 @@ def gradient_flow(model):
     """Gradient norm of each trainable group; raises if a group that training must update got no gradient."""
     norms = {}
     for name, p in model.named_parameters():
-        group = mvr.param_group(name)
-        norms.setdefault(group, 0.0)
-        if p.requires_grad and p.grad is not None:
-            norms[group] += p.grad.detach().float().pow(2).sum().item()
+        if p.requires_grad:
+            group = mvr.param_group(name)
+            norms[group] = norms.get(group, 0.0) + (0.0 if p.grad is None else p.grad.detach().float().pow(2).sum().item())
     norms = {k: math.sqrt(v) for k, v in norms.items()}
     dead = [g for g in mvr.GROUPS if not norms.get(g)]
     if dead:
@@ -467,9 +466,12 @@ def main(argv=None):
                     log_metrics(row)
                     bar.set_postfix(loss=f"{row['train/loss']:.4f}", sps=f"{row['train/samples_per_s']:.1f}")
                     window.update(loss=0.0, loss_x=0.0, loss_y=0.0, sat=0.0, n=0, samples=0, t=time.time(), data_t=0.0)
-                if preempt.signal:
+                stop = preempt.signal is not None
+                if world > 1:  # ranks may get the signal at different steps; all must save and leave together
+                    stop = bool(accelerator.reduce(torch.tensor([float(stop)], device=accelerator.device), "max"))
+                if stop:
                     checkpoint()
-                    log(f"{preempt.signal}: checkpoint saved at step {state['step']}; exiting for requeue")
+                    log(f"{preempt.signal or 'signal'}: checkpoint saved at step {state['step']}; exiting for requeue")
                     if is_main:
                         write_json_atomic(os.path.join(run_dir, "results.json"),
                                           results(state, "preempted", trainable, t_start))

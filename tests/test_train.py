@@ -116,7 +116,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     run_train(out, *args, "--resume")
     a, b = epoch_rows(tmp_path / "straight"), epoch_rows(out)
     keys = ("epoch", "step", "train/loss", "train/loss_x", "train/loss_y", "val/loss", "val/pixel_error")
-    assert [[r[k] for k in keys] for r in b] == pytest.approx([[r[k] for k in keys] for r in a], rel=1e-5)
+    assert [r[k] for r in b for k in keys] == pytest.approx([r[k] for r in a for k in keys], rel=1e-5)
     ra, rb = (json.loads((d / "results.json").read_text()) for d in (tmp_path / "straight", out))
     assert rb["best_val_loss"] == pytest.approx(ra["best_val_loss"], rel=1e-5) and rb["step"] == ra["step"]
 

@@ -1,0 +1,121 @@
+"""
+Times the training step: the full step as train_vlm_regression.py runs it (DataLoader + collate, forward, loss,
+backward, clipping, AdamW, scheduler) against a bare forward+backward of the same model on one fixed batch.
+
+    python benchmarks/bench_train.py                                   # tiny model, CPU
+    python benchmarks/bench_train.py --model_name Qwen/Qwen3-VL-4B-Thinking --random_weights --batch_size 4
+    python benchmarks/bench_train.py --model_name Qwen/Qwen3-VL-4B-Thinking --random_weights --gradient_checkpointing
+    python benchmarks/bench_train.py --model_name Qwen/Qwen3-VL-4B-Thinking --random_weights --load_in_4bit
+
+--random_weights builds the architecture from its config (bundled for the 4B) with random weights, so no download
+is needed; speed and memory are those of the real model. Data: the synthetic set at --image_size (384 x 576 by
+default for the 4B, FSC-147's size). Reports (one JSON line with --json): median full step, median bare
+forward+backward, their ratio (target <= 1.15), the share of the full step spent waiting for data, peak memory.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import dataset as data  # noqa: E402
+import model_vlm_regression as mvr  # noqa: E402
+import train_vlm_regression as tr  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_name", default="tiny")
+    p.add_argument("--random_weights", action="store_true", help="architecture from config, random weights")
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--steps", type=int, default=20, help="timed steps of each kind")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, kernels, caches)")
+    p.add_argument("--image_size", type=int, default=None, help="synthetic image side (default 224 tiny, else 512)")
+    p.add_argument("--num_workers", type=int, default=2)
+    p.add_argument("--load_in_4bit", action="store_true")
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = mvr.random_weights_dir(args.model_name) if args.random_weights else args.model_name
+    model, processor = mvr.build_model(name, device=device, load_in_4bit=args.load_in_4bit,
+                                       gradient_checkpointing=args.gradient_checkpointing)
+    model.train()
+    size = args.image_size or (224 if args.model_name == "tiny" else 512)
+    cfg = data.SyntheticConfig(image_size=size, num_train=max(64, args.batch_size * (args.steps + args.warmup)))
+    records, _ = data.load_records("synthetic", split="train", synthetic=cfg)
+    ds = data.CountingDataset(records, seed=0)
+    collate = data.make_collate_fn(processor)
+    optimizer = tr.build_optimizer(model, 1e-4, 5e-4, 0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, tr.lr_lambda(10, 1000))
+    params = [q for g in optimizer.param_groups for q in g["params"]]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def fwd_bwd(batch):
+        loss = mvr.regression_loss(model(**batch).float(), batch["targets"])[0]
+        loss.backward()
+        return loss
+
+    # full step, exactly the training loop's work per batch
+    n = args.steps + args.warmup
+    indices = list(range(n * args.batch_size))
+    loader = tr.make_loader(ds, [i % len(ds) for i in indices], args.batch_size, collate, args.num_workers, 0)
+    full, wait = [], []
+    t0 = time.perf_counter()
+    for i, batch in enumerate(loader):
+        t_ready = time.perf_counter()
+        batch = tr.to_device(batch, device)
+        fwd_bwd(batch)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        t1 = time.perf_counter()
+        if i >= args.warmup:
+            full.append(t1 - t0)
+            wait.append(t_ready - t0)
+        t0 = t1
+    # bare forward + backward on one fixed batch already on the device
+    batch = tr.to_device(collate([ds[i] for i in range(args.batch_size)]), device)
+    bare = []
+    for i in range(n):
+        sync()
+        t = time.perf_counter()
+        fwd_bwd(batch)
+        model.zero_grad(set_to_none=True)
+        sync()
+        if i >= args.warmup:
+            bare.append(time.perf_counter() - t)
+
+    full_ms, bare_ms = statistics.median(full) * 1e3, statistics.median(bare) * 1e3
+    out = {
+        "model": args.model_name, "random_weights": args.random_weights, "device": device,
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else f"{os.cpu_count()} CPU cores",
+        "dtype": str(mvr.default_dtype(device)), "load_in_4bit": args.load_in_4bit,
+        "gradient_checkpointing": args.gradient_checkpointing, "batch_size": args.batch_size,
+        "image_size": size, "tokens_per_sample": int(batch["input_ids"].shape[1]),
+        "full_step_ms": round(full_ms, 1), "bare_fwd_bwd_ms": round(bare_ms, 1),
+        "ratio": round(full_ms / bare_ms, 3), "data_wait_share": round(sum(wait) / sum(full), 3),
+        "samples_per_s": round(args.batch_size / (full_ms / 1e3), 2),
+        "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 1024 ** 3, 2) if device == "cuda" else None,
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2, 2),
+    }
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for k, v in out.items():
+            print(f"{k:<24} {v}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
