@@ -99,6 +99,11 @@ fi
 
 completed_run() { [ -f "$1/results.json" ] && grep -Eq '"status"[[:space:]]*:[[:space:]]*"completed"' "$1/results.json"; }
 results_field() { sed -n "s/^ *\"$2\": *\"\{0,1\}\([^\"]*\)\"\{0,1\},\{0,1\}$/\1/p" "$1/results.json" 2> /dev/null | head -1; }
+results_note() {  # "results.json: failed (the error)"
+  local error
+  error=$(results_field "$1" error)
+  echo "results.json: $(results_field "$1" status)${error:+ ($error)}"
+}
 
 # ---- classify every task
 declare -A STATE=() WHY=()
@@ -113,12 +118,12 @@ for ((t = 0; t < NUM_TASKS; t++)); do
   elif [ -n "$acct_state" ] && [[ "$FAILED_STATES" == *" $acct_state "* ]]; then
     STATE[$t]=failed
     WHY[$t]="${ACCT[$t]}, job ${ACCT_JOB[$t]}"
-    if [ -f "$dir/results.json" ]; then WHY[$t]+="; results.json: $(results_field "$dir" status) $(results_field "$dir" error)"; fi
+    if [ -f "$dir/results.json" ]; then WHY[$t]+="; $(results_note "$dir")"; fi
   elif [ "$acct_state" = RUNNING ] || [ "$acct_state" = PENDING ]; then  # when squeue could not say
     STATE[$t]=$(echo "$acct_state" | tr '[:upper:]' '[:lower:]')
   elif [ -f "$dir/results.json" ]; then
     STATE[$t]=failed
-    WHY[$t]="results.json: $(results_field "$dir" status) $(results_field "$dir" error)"
+    WHY[$t]=$(results_note "$dir")
   elif [ -d "$dir" ] && [ -n "$(ls -A "$dir" 2> /dev/null)" ]; then
     STATE[$t]=failed
     WHY[$t]="stopped unfinished (no results.json, not in the queue)"

@@ -4,7 +4,7 @@
 #SBATCH --gres=gpu:1
 #SBATCH --cpus-per-task=8
 #SBATCH --mem=64G
-#SBATCH --time=24:00:00
+#SBATCH --time=04:00:00
 #SBATCH --output=logs/%x_%A_%a.out
 #SBATCH --open-mode=append
 #SBATCH --requeue
@@ -25,8 +25,11 @@
 # config is fixed (lr varies slowest, MLP layers fastest); a task trains into SWEEP_DIR/<run name>, e.g.
 # SWEEP_DIR/lr1e-3_r16_a32_mlp3. A task whose run has a completed results.json exits at once, so resubmitting the
 # whole array only runs what is missing; an unfinished run resumes from its last checkpoint (--resume).
-# Preemption: SLURM sends USR1 (--signal above) or TERM; the signal is forwarded to training, which saves a checkpoint
-# and exits with 75; the task then requeues itself (SLURM keeps a requeued task pending ~2 min before it restarts).
+# Preemption: USR1 (the --signal warning above, 10 min before the time limit) and TERM are forwarded to training, which
+# saves a checkpoint and exits with 75. After USR1 the task requeues itself (SLURM holds a requeued task ~2 min before
+# it restarts); after TERM (scancel, preemption, time limit) it does not: SLURM decides, and a preempted job is
+# requeued by SLURM when the cluster's PreemptMode says so. Ask a running task to checkpoint and requeue:
+#   scancel --signal=USR1 --batch JOBID_TASK
 #
 # Environment variables (all optional; sbatch passes your environment to the tasks):
 #   DATASET          synthetic | fsc147 | omnicount                                      (default fsc147)
@@ -199,11 +202,14 @@ run_task() {
   # killed by the forwarded signal before it could install its handler: nothing lost, resume like a preemption
   if [ -n "$FORWARDED" ] && { [ "$rc" = 138 ] || [ "$rc" = 143 ]; }; then rc=$EXIT_PREEMPTED; fi
   if [ "$rc" = "$EXIT_PREEMPTED" ]; then
-    if [ -n "${SLURM_JOB_ID:-}" ]; then
+    if [ -z "${SLURM_JOB_ID:-}" ]; then
+      echo "stopped: run the same command again to resume from $run_dir/checkpoints/last"
+    elif [ "$FORWARDED" = TERM ]; then
+      # TERM is SLURM ending the job (scancel, time limit, preemption): its decision whether it comes back
+      echo "stopped by SIGTERM: checkpoint saved; not requeueing (a preempted job is requeued by SLURM itself)"
+    else
       echo "preempted: requeueing $(slurm_task_ref); it resumes from $run_dir/checkpoints/last"
       scontrol requeue "$(slurm_task_ref)" || echo "requeue failed: resubmit this task (check_hparam_status.sh)"
-    else
-      echo "preempted: run the same command again to resume from $run_dir/checkpoints/last"
     fi
   fi
   return "$rc"

@@ -17,6 +17,7 @@
 #   SLURMDBD_PORT      slurmdbd port                                        (default 6819)
 #   SLURM_DB_PORT      MariaDB port                                         (default 13306)
 #   SLURM_START_TIMEOUT  seconds to wait for the node to become idle        (default 60)
+#   SLURM_CRED_EXPIRE  seconds a requeued job is held before it may restart (SLURM's default: 120)  (default 10)
 # Distinct ports and SLURM_LOCAL_DIR let two clusters (say, two test runs) share a machine.
 #
 # Adapted from a recipe that works on these machines (Debian 12, SLURM 22.05): about 11 s from nothing when the
@@ -33,6 +34,7 @@ SLURMD_PORT=${SLURMD_PORT:-6818}
 DBD_PORT=${SLURMDBD_PORT:-6819}
 DB_PORT=${SLURM_DB_PORT:-13306}
 START_TIMEOUT=${SLURM_START_TIMEOUT:-60}
+CRED_EXPIRE=${SLURM_CRED_EXPIRE:-10}
 export SLURM_CONF="$D/etc/slurm.conf"
 
 log() { echo "[slurm_cluster $(date +%T)] $*" >&2; }
@@ -95,6 +97,8 @@ write_config() {
     echo "SlurmdUser=root"
     echo "AuthType=auth/none"
     echo "CredType=cred/none"
+    # how long slurmd refuses a job id it has just killed; a requeued job is held this long + 1 s (default 120)
+    echo "AuthInfo=cred_expire=$CRED_EXPIRE"
     echo "SlurmctldPort=$CTLD_PORT"
     echo "SlurmdPort=$SLURMD_PORT"
     echo "StateSaveLocation=$D/state"
@@ -118,6 +122,7 @@ write_config() {
       echo "AccountingStorageType=accounting_storage/none"
     fi
     echo "SchedulerType=sched/backfill"
+    echo "SchedulerParameters=bf_interval=2"  # a requeued job starts soon after its hold ends (default 30 s)
     echo "SelectType=select/cons_tres"
     echo "SelectTypeParameters=CR_Core"
     echo "ReturnToService=2"

@@ -10,7 +10,8 @@ The tests share the cluster and one sweep and run in file order, each starting f
   3. analyze_hparam_results.py ranks the 3 runs and lists the broken one;
   4. the printed resubmit line, run as printed in a clean environment, runs only the failed task;
   5. resubmitting the whole array skips the finished tasks;
-  6. a task signalled like a preemption (USR1 to the batch shell) checkpoints, requeues itself and resumes.
+  6. a task warned like before its time limit (USR1 to the batch shell) checkpoints, requeues itself and resumes;
+     cancelled (TERM) it checkpoints and stays cancelled; the resubmit line resumes it to the end.
 """
 import json
 import os
@@ -233,40 +234,66 @@ def test_resubmitting_the_whole_array_skips_finished_tasks(sweep):
     print(f"resubmitted array of 4 finished tasks: {time.time() - t0:.0f} s")
 
 
-def test_signalled_task_checkpoints_requeues_and_resumes(cluster, tmp_path):
+def metrics_steps(run_dir):
+    path = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [r["step"] for r in rows if not r.get("epoch_end")]
+
+
+def wait_for(predicate, what, log, env, timeout=180):
+    end = time.time() + timeout
+    while not predicate():
+        if time.time() > end:
+            jobs = run(["scontrol", "show", "job"], env, check=False).stdout
+            raise AssertionError(f"timed out waiting for {what}:\n{log.read_text() if log.exists() else 'no log'}\n{jobs}")
+        time.sleep(0.2)
+
+
+def test_signalled_task_requeues_and_resumes_and_a_cancelled_one_resumes_on_resubmission(cluster, tmp_path):
+    iters = 80
     env = {**cluster, **SETTINGS, "SWEEP_DIR": str(tmp_path / "sweep"), "GRID_LR": "1e-3", "GRID_LORA_R": "8",
-           "EXTRA_ARGS": SETTINGS["EXTRA_ARGS"].replace("--train_iters 4", "--train_iters 40")}
+           "EXTRA_ARGS": SETTINGS["EXTRA_ARGS"].replace("--train_iters 4", f"--train_iters {iters}")}
     (tmp_path / "logs").mkdir()
     run_dir = tmp_path / "sweep" / "lr1e-3_r8_a16_mlp2"
     job = submit([*OVERRIDES[1:], "--array=0", str(SCRIPT)], env, cwd=tmp_path)
     task = f"{job}_0"
     log = tmp_path / "logs" / f"hparam_search_{job}_0.out"
 
-    end = time.time() + 180
-    while not ((run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text().strip()):
-        assert time.time() < end and queued(job, env), log.read_text() if log.exists() else "no log"
-        time.sleep(0.2)
-    # what --signal=B:USR1@600 does before the time limit: USR1 to the batch shell only
+    # 1. what --signal=B:USR1@600 does before the time limit: USR1 to the batch shell only
+    wait_for(lambda: metrics_steps(run_dir), "training to start", log, env)
     run(["scancel", "--signal=USR1", "--batch", task], env)
-
-    end = time.time() + 120
-    while queued(job, env).get("0") != "PENDING":  # requeued
-        assert time.time() < end, log.read_text()
-        time.sleep(0.5)
+    wait_for(lambda: queued(job, env).get("0") == "PENDING", "the task to requeue itself", log, env, timeout=120)
     assert "Restarts=1" in run(["scontrol", "show", "job", task], env).stdout
-    # SLURM holds a requeued job for about 2 minutes (BeginTime); don't wait for that here
-    run(["scontrol", "update", f"JobId={task}", "StartTime=now"], env)
-    wait_done(job, env)
-
     text = log.read_text()
-    saved = re.search(r"SIGUSR1: checkpoint saved at step (\d+); exiting for requeue", text)
-    assert saved and "got SIGUSR1: forwarding to training" in text, text
-    assert f"preempted: requeueing {task}" in text and "restart 1" in text
-    assert re.search(rf"resumed from .*step-{int(saved[1]):07d}: epoch 0, batch {saved[1]}, step {saved[1]}", text)
+    saved = int(re.search(r"SIGUSR1: checkpoint saved at step (\d+); exiting for requeue", text)[1])
+    assert "got SIGUSR1: forwarding to training" in text and f"preempted: requeueing {task}" in text, text
+    # SLURM holds a requeued job for cred_expire + 1 s (120 s by default, 10 s on the test cluster)
+    wait_for(lambda: "restart 1" in log.read_text() and max(metrics_steps(run_dir)) > saved + 2,
+             "the requeued task to resume and train", log, env)
+    text = log.read_text()
+    assert re.search(rf"resumed from .*step-{saved:07d}: epoch 0, batch {saved}, step {saved}", text), text
+
+    # 2. scancel (TERM to the whole job): checkpoint saved, but cancelled means cancelled: no requeue
+    run(["scancel", job], env)
+    wait_done(job, env)
+    text = log.read_text()
+    assert "got SIGTERM" in text and "not requeueing" in text, text
+    second = int(re.findall(r"SIGTERM: checkpoint saved at step (\d+)", text)[-1])
+    assert saved < second < iters
+    sweep = {"dir": tmp_path / "sweep", "env": env}
+    out = status(sweep, until=rf"CANCELLED \(exit [0-9:]+\), job {task}")
+    assert "pending 0 | running 0 | completed 0 | failed 1 | not started 0" in out, out
+    assert "results.json: preempted" in out
+
+    # 3. the resubmit line resumes it from the second checkpoint, to the end
+    line = out.split("Resubmit the failed and not-started tasks (0):\n")[1].splitlines()[0]
+    new_job = re.search(r"Submitted batch job (\d+)", run(["bash", "-c", line], env).stdout)[1]
+    wait_done(new_job, env)
+    text = (tmp_path / "logs" / f"hparam_search_{new_job}_0.out").read_text()
+    assert re.search(rf"resumed from .*step-{second:07d}: epoch 0, batch {second}, step {second}", text), text
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["status"] == "completed" and results["step"] == 40
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-             if not json.loads(line).get("epoch_end")]
-    assert steps == list(range(1, 41))  # each step logged once across the two attempts
+    assert results["status"] == "completed" and results["step"] == iters
+    assert metrics_steps(run_dir) == list(range(1, iters + 1))  # each step logged once across three attempts
     attempts = (run_dir / "slurm_attempts.log").read_text()
-    assert "restart=0" in attempts and "restart=1" in attempts
+    assert f"job={task} array_job={job} restart=0" in attempts and f"job={task} array_job={job} restart=1" in attempts
+    assert f"job={new_job}_0 array_job={new_job} restart=0" in attempts
