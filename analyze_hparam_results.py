@@ -43,7 +43,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep_dir", help="folder of the run folders (SWEEP_DIR of run_hparam_search.sh)")
     p.add_argument("--out_dir", help="where summary.csv and the plots go (default: SWEEP_DIR/analysis)")
-    p.add_argument("--sort_by", default="val_loss", choices=sorted(SORT_COLUMNS), help="ranking metric (lower is better)")
+    p.add_argument("--sort_by", default="val_loss", choices=sorted(SORT_COLUMNS),
+                   help="ranking metric (lower is better)")
     p.add_argument("--top", type=int, default=0, help="rows in the printed table (0 = all); top 5 get learning curves")
     p.add_argument("--wandb_project", help="read the runs from this W&B project instead of --sweep_dir")
     p.add_argument("--wandb_entity", help="W&B entity (default: your default entity)")

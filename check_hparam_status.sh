@@ -71,11 +71,12 @@ elif queue=$(squeue -h -r -j "$JOB_LIST" -o '%F %K %T' 2>&1); then
   while read -r _ task state; do
     [[ "$task" =~ ^[0-9]+$ ]] || continue
     case "$state" in
-      RUNNING | COMPLETING | CONFIGURING | SUSPENDED | STOPPED | SIGNALING | STAGE_OUT | RESIZING) QUEUE[$task]=running ;;
+      RUNNING | COMPLETING | CONFIGURING | SUSPENDED | STOPPED | SIGNALING | STAGE_OUT | RESIZING)
+        QUEUE[$task]=running ;;
       *) if [ -z "${QUEUE[$task]+x}" ]; then QUEUE[$task]=pending; fi ;;
     esac
   done <<< "$queue"
-else
+elif [[ "$queue" != *"Invalid job id"* ]]; then  # that one only means: none of these jobs is known any more
   NOTES+=("squeue failed ($(echo "$queue" | head -1)): queue not checked")
 fi
 
@@ -97,8 +98,10 @@ if [ -n "$JOB_LIST" ] && command -v sacct > /dev/null 2>&1; then
   fi
 fi
 
-completed_run() { [ -f "$1/results.json" ] && grep -Eq '"status"[[:space:]]*:[[:space:]]*"completed"' "$1/results.json"; }
-results_field() { sed -n "s/^ *\"$2\": *\"\{0,1\}\([^\"]*\)\"\{0,1\},\{0,1\}$/\1/p" "$1/results.json" 2> /dev/null | head -1; }
+completed_run() { grep -Eqs '"status"[[:space:]]*:[[:space:]]*"completed"' "$1/results.json"; }
+results_field() {  # results_field RUN_DIR KEY: a top-level string or number of results.json (written one per line)
+  sed -n "s/^ *\"$2\": *\"\{0,1\}\([^\"]*\)\"\{0,1\},\{0,1\}$/\1/p" "$1/results.json" 2> /dev/null | head -1
+}
 results_note() {  # "results.json: failed (the error)"
   local error
   error=$(results_field "$1" error)
@@ -132,7 +135,11 @@ for ((t = 0; t < NUM_TASKS; t++)); do
   fi
 done
 
-count() { local n=0 t; for ((t = 0; t < NUM_TASKS; t++)); do if [ "${STATE[$t]}" = "$1" ]; then n=$((n + 1)); fi; done; echo "$n"; }
+count() {
+  local n=0 t
+  for ((t = 0; t < NUM_TASKS; t++)); do if [ "${STATE[$t]}" = "$1" ]; then n=$((n + 1)); fi; done
+  echo "$n"
+}
 ids_of() {  # ids in the given states, as SLURM ranges: 2,4-7,9
   local out="" start="" prev="" t
   for ((t = 0; t < NUM_TASKS; t++)); do
@@ -179,7 +186,9 @@ if [ "$(count failed)" -gt 0 ]; then
     echo "  task $t  ${RUN_OF[$t]}  ${WHY[$t]}"
     if [ -n "$log" ]; then
       echo "    log $log:"
-      tail -c 20000 "$log" | tr '\r' '\n' | grep -Ev '^[[:space:]]*$|[0-9]+%\|' | tail -n "$LOG_LINES" | cut -c1-200 | sed 's/^/    | /'
+      # progress bars redraw with \r: split them off and drop them
+      tail -c 20000 "$log" | tr '\r' '\n' | grep -Ev '^[[:space:]]*$|[0-9]+%\|' | tail -n "$LOG_LINES" |
+        cut -c1-200 | sed 's/^/    | /'
     else
       echo "    (log not found)"
     fi
@@ -217,8 +226,12 @@ if [ -n "$todo" ]; then
   echo
   echo "Resubmit the failed and not-started tasks ($todo):"
   echo "  $cmd"
-  if [ -z "$SUBMIT_LINE" ]; then echo "  (sacct has no submit line for this sweep: add the options you submitted with)"; fi
-  if [ ${#SET[@]} = 0 ]; then echo "  (no task has recorded its settings yet: set the same variables as for the first submission)"; fi
+  if [ -z "$SUBMIT_LINE" ]; then
+    echo "  (sacct has no submit line for this sweep: add the options you submitted with)"
+  fi
+  if [ ${#SET[@]} = 0 ]; then
+    echo "  (no task has recorded its settings yet: set the same variables as for the first submission)"
+  fi
 elif [ "$(count completed)" = "$NUM_TASKS" ]; then
   echo
   echo "All $NUM_TASKS runs completed: python analyze_hparam_results.py --sweep_dir $(quote "$SWEEP")"

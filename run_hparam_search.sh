@@ -68,7 +68,9 @@ check_grid() {
   local v
   [ "$NUM_TASKS" -gt 0 ] || die "empty grid"
   for v in "${LRS[@]}"; do [[ "$v" =~ ^[0-9.]+([eE][-+]?[0-9]+)?$ ]] || die "GRID_LR: '$v' is not a number"; done
-  for v in "${RANKS[@]}" "${ALPHAS[@]}" "${MLPS[@]}"; do [[ "$v" =~ ^[0-9]+$ ]] || die "grid value '$v' is not an integer"; done
+  for v in "${RANKS[@]}" "${ALPHAS[@]}" "${MLPS[@]}"; do
+    [[ "$v" =~ ^[0-9]+$ ]] || die "grid value '$v' is not an integer"
+  done
 }
 
 # config TASK -> sets LR LORA_R LORA_ALPHA MLP_LAYERS RUN_NAME (lr varies slowest, MLP layers fastest)
@@ -112,7 +114,11 @@ find_project_dir() {
 # An array task's own id: "<array job>_<task>". Not $SLURM_JOB_ID alone: for the array's last task that equals the
 # array job id, and `scontrol requeue <array job id>` would requeue every task of the array.
 slurm_task_ref() {
-  if [ -n "${SLURM_ARRAY_JOB_ID:-}" ]; then echo "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"; else echo "$SLURM_JOB_ID"; fi
+  if [ -n "${SLURM_ARRAY_JOB_ID:-}" ]; then
+    echo "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
+  else
+    echo "$SLURM_JOB_ID"
+  fi
 }
 
 # The settings the user set, one KEY=VALUE per line (read back by check_hparam_status.sh without eval).
@@ -148,7 +154,7 @@ run_task() {
   local run_dir="$SWEEP_DIR/$RUN_NAME"
   echo "[$(date '+%F %T')] task $task: $RUN_NAME (lr $LR, LoRA r $LORA_R alpha $LORA_ALPHA, $MLP_LAYERS MLP layers)" \
     "on $(hostname)${SLURM_JOB_ID:+, job $(slurm_task_ref), restart ${SLURM_RESTART_COUNT:-0}}"
-  if [ -f "$run_dir/results.json" ] && grep -Eq '"status"[[:space:]]*:[[:space:]]*"completed"' "$run_dir/results.json"; then
+  if grep -Eqs '"status"[[:space:]]*:[[:space:]]*"completed"' "$run_dir/results.json"; then
     echo "already completed ($run_dir/results.json): nothing to do"
     return 0
   fi

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # slurm_cluster.sh - a throw-away single-node SLURM cluster on localhost for the tests (no systemd; run as root).
 #
-# Usage:  bash tests/slurm_cluster.sh start|stop|status
-#   start : install Debian's SLURM packages if missing, write a config for this machine, start slurmdbd + MariaDB
+# Usage:  bash tests/slurm_cluster.sh install|start|stop|status
+#   install: install Debian's SLURM packages (and MariaDB) if missing, without starting anything.
+#   start : install if needed, write a config for this machine, start slurmdbd + MariaDB
 #           (so `sacct` works), slurmctld and slurmd, wait until the node is idle. Wipes the old state first.
 #   stop  : cancel our jobs, stop our daemons (only the PIDs in our own pid files).
 #   status: sinfo + squeue.
@@ -248,8 +249,9 @@ do_start() {
 }
 
 case "$CMD" in
+  install) mkdir -p "$D"; install_packages ;;
   start) do_start ;;
   stop) do_stop ;;
   status) sinfo; squeue ;;
-  *) sed -n '2,9p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,10p' "$0" >&2; exit 2 ;;
 esac

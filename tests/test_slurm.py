@@ -71,6 +71,11 @@ def cluster(tmp_path_factory):
     env = clean_env(SLURM_LOCAL_DIR=str(local), SLURM_CTLD_PORT=str(ctld), SLURMD_PORT=str(slurmd),
                     SLURMDBD_PORT=str(dbd), SLURM_DB_PORT=str(db))
     t0 = time.time()
+    install = subprocess.run(["bash", str(ROOT / "tests" / "slurm_cluster.sh"), "install"], env=env,
+                             capture_output=True, text=True, timeout=900)
+    if install.returncode:  # e.g. no route to the package mirrors
+        shutil.rmtree(local, ignore_errors=True)
+        pytest.skip(f"could not install the SLURM packages with apt-get:\n{install.stderr[-2000:]}")
     start = subprocess.run(["bash", str(ROOT / "tests" / "slurm_cluster.sh"), "start"], env=env, capture_output=True,
                            text=True, timeout=900)
     if start.returncode:
@@ -86,7 +91,7 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sweep(cluster, tmp_path_factory):
-    """Submit folder (with logs/) and sweep folder shared by the tests below; `job` is filled in by the first."""
+    """Submit folder (with logs/) and sweep folder shared by tests 1-5, which record their progress in it."""
     base = tmp_path_factory.mktemp("sweep")
     (base / "submit" / "logs").mkdir(parents=True)
     return {"submit": base / "submit", "dir": base / "sweep", "env": {**cluster, **SETTINGS,
@@ -135,6 +140,11 @@ def completed(run_dir):
         return False
 
 
+def needs(sweep, key):
+    if key not in sweep:
+        pytest.skip("runs after the tests above it in this file (they build the sweep it checks)")
+
+
 def test_array_of_four_runs_to_completion_through_the_real_script(sweep):
     # break one task the way a crash mid-save would: checkpoints/last points at an empty folder
     broken = sweep["dir"] / RUNS[BROKEN] / "checkpoints"
@@ -167,9 +177,11 @@ def test_array_of_four_runs_to_completion_through_the_real_script(sweep):
         attempts = (run_dir / "slurm_attempts.log").read_text()
         assert f"job={job}_{task}" in attempts and f"log={log}" in attempts  # the log the status script shows
     assert (sweep["dir"] / "slurm_jobs").read_text().split() == [job]
+    sweep["array_done"] = True
 
 
 def test_status_counts_shows_the_failed_task_and_the_resubmit_line(sweep):
+    needs(sweep, "array_done")
     job = sweep["job"]
     out = status(sweep, until=rf"FAILED \(exit 1:0\), job {job}_{BROKEN}")  # no JOB_ID: the tasks recorded it
     assert "pending 0 | running 0 | completed 3 | failed 1 | not started 0" in out, out
@@ -185,6 +197,7 @@ def test_status_counts_shows_the_failed_task_and_the_resubmit_line(sweep):
 
 
 def test_analysis_of_the_cluster_sweep(sweep, capsys):
+    needs(sweep, "array_done")
     ranked = ahr.main(["--sweep_dir", str(sweep["dir"])])
     out = capsys.readouterr().out
     with capsys.disabled():
@@ -207,6 +220,7 @@ def results_mtimes(sweep):
 
 
 def test_the_printed_resubmit_line_runs_only_the_failed_task(sweep):
+    needs(sweep, "resubmit")
     shutil.rmtree(sweep["dir"] / RUNS[BROKEN] / "checkpoints")  # the user's fix
     before = results_mtimes(sweep)
     # as a user would paste it: no sweep settings in the environment, only the cluster's address
@@ -220,9 +234,11 @@ def test_the_printed_resubmit_line_runs_only_the_failed_task(sweep):
     out = status(sweep, until="completed 4")
     assert "pending 0 | running 0 | completed 4 | failed 0 | not started 0" in out, out
     assert "All 4 runs completed" in out and "Resubmit" not in out
+    sweep["all_done"] = True
 
 
 def test_resubmitting_the_whole_array_skips_finished_tasks(sweep):
+    needs(sweep, "all_done")
     before = results_mtimes(sweep)
     t0 = time.time()
     job = submit([*OVERRIDES, str(SCRIPT)], sweep["env"], cwd=sweep["submit"])
@@ -245,7 +261,8 @@ def wait_for(predicate, what, log, env, timeout=180):
     while not predicate():
         if time.time() > end:
             jobs = run(["scontrol", "show", "job"], env, check=False).stdout
-            raise AssertionError(f"timed out waiting for {what}:\n{log.read_text() if log.exists() else 'no log'}\n{jobs}")
+            text = log.read_text() if log.exists() else "no log"
+            raise AssertionError(f"timed out waiting for {what}:\n{text}\n{jobs}")
         time.sleep(0.2)
 
 
