@@ -20,6 +20,7 @@
 # has the job), files and squeue decide.
 set -euo pipefail
 
+if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0; fi
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SWEEP=${1:-${SWEEP_DIR:-$HERE/runs/hparam_search}}
 JOB_ARG=${2:-}
