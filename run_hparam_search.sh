@@ -144,8 +144,12 @@ FORWARDED=""
 TRAIN_PID=""
 forward() {  # trap handler: pass SLURM's warning on to training, which checkpoints at its next optimizer step
   FORWARDED=$1
-  echo "[$(date +%T)] got SIG$1: forwarding to training (pid $TRAIN_PID)"
-  if [ -n "$TRAIN_PID" ]; then kill -s "$1" "$TRAIN_PID" 2> /dev/null || true; fi
+  if [ -n "$TRAIN_PID" ]; then
+    echo "[$(date +%T)] got SIG$1: forwarding to training (pid $TRAIN_PID)"
+    kill -s "$1" "$TRAIN_PID" 2> /dev/null || true
+  else
+    echo "[$(date +%T)] got SIG$1 before training started: passed on once it has"
+  fi
 }
 
 run_task() {
@@ -192,10 +196,9 @@ run_task() {
   if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$SLURM_CPUS_PER_TASK}"; fi
   echo "+ $pyexe $PROJECT_DIR/train_vlm_regression.py ${args[*]} ${extra[*]}"
   # In the background, so that bash runs the traps while training runs (a foreground child would delay them)
-  trap 'forward USR1' USR1
-  trap 'forward TERM' TERM
   "$pyexe" "$PROJECT_DIR/train_vlm_regression.py" "${args[@]}" "${extra[@]}" &
   TRAIN_PID=$!
+  if [ -n "$FORWARDED" ]; then forward "$FORWARDED"; fi  # a signal that came before training started
   while :; do
     rc=0
     wait "$TRAIN_PID" || rc=$?
@@ -239,6 +242,9 @@ case "${1:-}" in
   *) die "unknown argument '$1' (see --help)" ;;
 esac
 check_grid
+# from here on a signal must not kill the script (bash's default for USR1): it is kept for training
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
 
 declare -A USER_SET=()  # the settings the user gave, before defaults fill in the rest
 for name in "${SETTINGS[@]}"; do if [ -n "${!name+x}" ]; then USER_SET[$name]=${!name}; fi; done
