@@ -251,8 +251,11 @@ def test_resubmitting_the_whole_array_skips_finished_tasks(sweep):
 
 
 def metrics_steps(run_dir):
-    path = run_dir / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    """Steps of the train log lines; [] while training (re)writes the file (a resume truncates it in place)."""
+    try:
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    except (OSError, ValueError):
+        return []
     return [r["step"] for r in rows if not r.get("epoch_end")]
 
 
@@ -285,7 +288,7 @@ def test_signalled_task_requeues_and_resumes_and_a_cancelled_one_resumes_on_resu
     saved = int(re.search(r"SIGUSR1: checkpoint saved at step (\d+); exiting for requeue", text)[1])
     assert "got SIGUSR1: forwarding to training" in text and f"preempted: requeueing {task}" in text, text
     # SLURM holds a requeued job for cred_expire + 1 s (120 s by default, 10 s on the test cluster)
-    wait_for(lambda: "restart 1" in log.read_text() and max(metrics_steps(run_dir)) > saved + 2,
+    wait_for(lambda: "restart 1" in log.read_text() and max(metrics_steps(run_dir), default=0) > saved + 2,
              "the requeued task to resume and train", log, env)
     text = log.read_text()
     assert re.search(rf"resumed from .*step-{saved:07d}: epoch 0, batch {saved}, step {saved}", text), text
