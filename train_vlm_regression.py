@@ -61,7 +61,7 @@ def parse_args(argv=None):
     g.add_argument("--grad_accum", type=int, default=1, help="batches per optimizer step")
     g.add_argument("--epochs", type=int, default=10)
     g.add_argument("--train_iters", type=int, default=200, help="batches per epoch (per device); 0 = whole split")
-    g.add_argument("--val_iters", type=int, default=50, help="validation batches per epoch; 0 = whole split")
+    g.add_argument("--val_iters", type=int, default=50, help="validation batches per device (a fixed, seeded subset); 0 = whole split")
     g.add_argument("--lr", type=float, default=1e-3, help="LoRA and <x>/<y> token rows")
     g.add_argument("--mlp_lr_multiplier", type=float, default=5.0, help="heads train at lr x this")
     g.add_argument("--mlp_lr", type=float, default=None, help="heads' lr (overrides the multiplier)")
@@ -240,6 +240,14 @@ def make_loader(ds, indices, batch_size, collate, num_workers, seed):
         multiprocessing_context="fork" if num_workers and sys.platform == "linux" else None)
 
 
+def mean_over_ranks(accelerator, values):
+    """Each rank saw its own slice of the global batch: report the mean over ranks (one all-reduce)."""
+    if accelerator.num_processes == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    return accelerator.reduce(t, "mean").tolist()
+
+
 def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -306,7 +314,8 @@ def main(argv=None):
     from accelerate.utils import set_seed
 
     t_start = time.time()
-    accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum)
+    # cpu=True is what makes accelerate use gloo for a multi-process CPU run (torchrun without GPUs)
+    accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum, cpu=not torch.cuda.is_available())
     is_main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     log = (lambda *a: tqdm.write(" ".join(str(x) for x in a))) if is_main else (lambda *a: None)
     set_seed(args.seed)
@@ -335,9 +344,11 @@ def main(argv=None):
     val_ds = data.CountingDataset(val_records, seed=args.seed + 1, **dkw)  # fixed: never set_epoch
     train_iters = args.train_iters or len(train_ds) // (args.batch_size * world)
     train_iters = max(1, math.ceil(train_iters / args.grad_accum)) * args.grad_accum  # epochs end on a full step
-    val_batches = math.ceil(len(val_ds) / args.batch_size)
-    val_batches = min(args.val_iters, val_batches) if args.val_iters else val_batches
-    val_order = np.random.default_rng([args.seed, 7]).permutation(len(val_ds))[: val_batches * args.batch_size]
+    # the validation set is val_iters global batches (per-device batch x world), so it is the same set of samples
+    # whatever the number of processes for a given global batch
+    val_order = np.random.default_rng([args.seed, 7]).permutation(len(val_ds))
+    if args.val_iters:
+        val_order = val_order[: args.val_iters * args.batch_size * world]
     val_order = val_order[: max(world, len(val_order) // world * world)]  # equal shards, so ranks can gather
     val_shard = val_order[rank::world].tolist()
 
@@ -457,10 +468,11 @@ def main(argv=None):
                 state["step"] += 1
                 if state["step"] % args.log_every == 0 or b + 1 == train_iters:
                     dt = time.time() - window["t"]
-                    row = {"epoch": epoch + 1, "step": state["step"], "train/loss": window["loss"] / window["n"],
-                           "train/loss_x": window["loss_x"] / window["n"],
-                           "train/loss_y": window["loss_y"] / window["n"],
-                           "train/saturation": window["sat"] / window["n"], "train/grad_norm": float(grad_norm),
+                    means = mean_over_ranks(accelerator, [window[k] / window["n"] for k in ("loss", "loss_x", "loss_y",
+                                                                                          "sat")])
+                    row = {"epoch": epoch + 1, "step": state["step"], "train/loss": means[0],
+                           "train/loss_x": means[1], "train/loss_y": means[2],
+                           "train/saturation": means[3], "train/grad_norm": float(grad_norm),
                            "train/samples_per_s": window["samples"] / dt, "train/data_wait_share": window["data_t"] / dt,
                            "lr/vlm": scheduler.get_last_lr()[0], "lr/heads": scheduler.get_last_lr()[1]}
                     log_metrics(row)
@@ -486,8 +498,10 @@ def main(argv=None):
         improved = state["best_val_loss"] is None or metrics["val/loss"] < state["best_val_loss"]
         if improved:
             state["best_val_loss"], state["best_epoch"] = metrics["val/loss"], epoch + 1
+        train_means = mean_over_ranks(accelerator, [epoch_sums[k] / max(1, epoch_sums["n"])
+                                                    for k in ("loss", "loss_x", "loss_y")])
         row = {"epoch": epoch + 1, "step": state["step"], "epoch_end": True,
-               **{f"train/{k}": epoch_sums[k] / max(1, epoch_sums["n"]) for k in ("loss", "loss_x", "loss_y")},
+               **{f"train/{k}": v for k, v in zip(("loss", "loss_x", "loss_y"), train_means)},
                **metrics,
                "val/baseline_loss": state["baseline_val_loss"]}
         state["history"].append({k: row[k] for k in ("epoch", "step", "train/loss", "val/loss")})
