@@ -317,3 +317,23 @@ def test_signalled_task_requeues_and_resumes_and_a_cancelled_one_resumes_on_resu
     attempts = (run_dir / "slurm_attempts.log").read_text()
     assert f"job={task} array_job={job} restart=0" in attempts and f"job={task} array_job={job} restart=1" in attempts
     assert f"job={new_job}_0 array_job={new_job} restart=0" in attempts
+
+
+def test_distributed_template_trains_two_processes_on_the_cluster(cluster, tmp_path):
+    """run_train_distributed.sh: srun + torchrun, rendezvous on the allocation's first node, 2 CPU processes."""
+    submit_dir = tmp_path / "submit"
+    (submit_dir / "logs").mkdir(parents=True)
+    out = tmp_path / "ddp_run"
+    env = {**cluster, "GPUS_PER_NODE": "2", "OMP_NUM_THREADS": "1", "PROJECT_DIR": str(ROOT)}
+    job = submit(["--gres=none", "--cpus-per-task=2", "--mem=4G", "--time=30", str(ROOT / "run_train_distributed.sh"),
+                  "--model_name", "tiny", "--dataset", "synthetic", "--synthetic_num_train", "32",
+                  "--synthetic_num_val", "8", "--epochs", "1", "--train_iters", "3", "--val_iters", "1",
+                  "--batch_size", "2", "--num_workers", "0", "--wandb_mode", "disabled", "--output_dir", str(out)],
+                 env, submit_dir)
+    wait_done(job, env, timeout=300)
+    log = (submit_dir / "logs" / f"vlm-ddp_{job}.out").read_text()
+    assert "1 node(s) x 2 process(es)" in log, log[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    cfg = json.loads((out / "config.json").read_text())
+    assert res["status"] == "completed" and res["step"] == 3, log[-3000:]
+    assert cfg["world_size"] == 2 and cfg["effective_batch_size"] == 4
