@@ -386,9 +386,11 @@ def main(argv=None):
         metrics_path = os.path.join(run_dir, "metrics.jsonl")
         if os.path.exists(metrics_path):  # drop lines logged after the checkpoint we resume from (or all, if none)
             with open(metrics_path) as f:
-                lines = [l for l in f if resume_dir and json.loads(l)["step"] <= state["step"]]
-            with open(metrics_path, "w") as f:
+                lines = [l for l in f if resume_dir and l.strip() and json.loads(l)["step"] <= state["step"]]
+            fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".tmp-")
+            with os.fdopen(fd, "w") as f:
                 f.writelines(lines)
+            os.replace(tmp, metrics_path)
     run = init_wandb(args, config if is_main else None, run_dir) if is_main else None
 
     def log_metrics(row):
@@ -483,7 +485,8 @@ def main(argv=None):
                     stop = bool(accelerator.reduce(torch.tensor([float(stop)], device=accelerator.device), "max"))
                 if stop:
                     checkpoint()
-                    log(f"{preempt.signal or 'signal'}: checkpoint saved at step {state['step']}; exiting for requeue")
+                    log(f"{preempt.signal or 'signal'}: checkpoint saved at step {state['step']}; exiting "
+                        f"(code {EXIT_PREEMPTED}); continue with --resume")
                     if is_main:
                         write_json_atomic(os.path.join(run_dir, "results.json"),
                                           results(state, "preempted", trainable, t_start))
@@ -573,5 +576,17 @@ def init_wandb(args, config, run_dir):
     return run
 
 
+def run_main(argv=None):
+    """main(), but an unexpected error still leaves results.json saying `failed` and why, for the sweep tools."""
+    try:
+        return main(argv)
+    except Exception as e:
+        args = parse_args(argv)
+        if os.path.isdir(args.output_dir) and int(os.environ.get("RANK", "0")) == 0:
+            path = os.path.join(args.output_dir, "results.json")
+            write_json_atomic(path, {"status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]})
+        raise
+
+
 if __name__ == "__main__":
-    main()
+    run_main()

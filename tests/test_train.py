@@ -154,7 +154,7 @@ def test_wandb_offline_files_hold_metrics_and_images_and_no_key(tmp_path):
     blob = open(glob.glob(os.path.join(runs[0], "run-*.wandb"))[0], "rb").read()
     for key in (b"train/loss", b"val/loss", b"val/pixel_error", b"lr/heads", b"train/saturation"):
         assert key in blob, key
-    assert len(glob.glob(os.path.join(runs[0], "files/media/images/*.png"))) == 2  # --num_val_images 2
+    assert len(glob.glob(os.path.join(runs[0], "files/media/images/**/*.png"), recursive=True)) == 2  # --num_val_images 2
     assert b"Next location" in blob  # the prompt is the images' caption
     for path in glob.glob(str(out / "**/*"), recursive=True):
         if os.path.isfile(path):
