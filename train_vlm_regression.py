@@ -3,7 +3,7 @@ Train Qwen3-VL (LoRA + <x>/<y> regression heads) to point at the next uncounted 
 
 The embedded demo (tiny random-init Qwen3-VL, synthetic data, a few minutes on 2 CPU cores):
     python train_vlm_regression.py --model_name tiny --dataset synthetic --output_dir runs/demo \
-        --epochs 6 --train_iters 150 --val_iters 25 --batch_size 8 --lr 2e-3 --warmup_steps 50
+        --epochs 8 --train_iters 200 --val_iters 25 --batch_size 4 --lr 1e-3 --mlp_lr_multiplier 1 --eval_count_images 50
 
 Real data on one GPU (the seed's commands):
     python train_vlm_regression.py --dataset fsc147 --data_root /media/M2SSD/FSC147 --batch_size 4 --epochs 10 --lr 1e-3
