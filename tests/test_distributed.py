@@ -14,7 +14,7 @@ from conftest import ROOT
 COMMON = ["--model_name", "tiny", "--dataset", "synthetic", "--synthetic_num_train", "64", "--synthetic_num_val",
           "16", "--num_workers", "0", "--log_every", "1", "--lora_r", "8", "--head_dim", "64", "--warmup_steps", "2",
           "--lora_dropout", "0", "--train_iters", "4", "--val_iters", "2", "--num_val_images", "2"]
-TOL = 1e-4  # relative: the all-reduce sums gradients in another order than one process does
+TOL = 5e-4  # relative; observed up to 8e-5 over 40 steps: the all-reduce sums gradients in another order
 
 
 def free_port():
