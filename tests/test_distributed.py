@@ -67,3 +67,15 @@ def test_two_process_run_resumes(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["status"] == "completed" and res["epochs_completed"] == 2 and res["step"] == 8
     assert [r["epoch"] for r in epoch_rows(out)] == [1, 2]
+
+
+def test_two_processes_with_4bit_and_gradient_checkpointing(tmp_path):
+    """QLoRA + non-reentrant checkpointing under DDP: every trainable group gets its gradient (the first-step check
+    would stop the run otherwise) and the run completes."""
+    out = tmp_path / "run"
+    proc = run(torchrun(), out, "--batch_size", "2", "--epochs", "1", "--train_iters", "3", "--val_iters", "1",
+               "--load_in_4bit", "--gradient_checkpointing", "--wandb_mode", "disabled")
+    assert "gradient flow on the first step" in proc.stdout
+    res = json.loads((out / "results.json").read_text())
+    cfg = json.loads((out / "config.json").read_text())
+    assert res["status"] == "completed" and res["step"] == 3 and cfg["world_size"] == 2 and cfg["load_in_4bit"]
