@@ -443,7 +443,11 @@ class VLMRegressionModel(nn.Module):
         heads = load_file(os.path.join(path, "heads.safetensors"))
         model.x_head.load_state_dict({k[7:]: v for k, v in heads.items() if k.startswith("x_head.")})
         model.y_head.load_state_dict({k[7:]: v for k, v in heads.items() if k.startswith("y_head.")})
-        model.to(device) if not load_in_4bit else (model.x_head.to(device), model.y_head.to(device))
+        if load_in_4bit:  # the quantized base is already placed by its device_map; only the heads move
+            model.x_head.to(device)
+            model.y_head.to(device)
+        else:
+            model.to(device)
         return model, processor
 
 
