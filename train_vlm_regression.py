@@ -76,7 +76,9 @@ def parse_args(argv=None):
                    help="resume from a checkpoint folder; alone: OUTPUT_DIR/checkpoints/last")
     g.add_argument("--checkpoint_every", type=int, default=0,
                    help="also save checkpoints/last every N optimizer steps (long epochs on preemptible nodes)")
-    g.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes")
+    g.add_argument("--num_workers", type=int, default=None,
+                   help="DataLoader worker processes (default: 4 with CUDA, 0 on CPU, where workers would compete "
+                        "with the training step for the same cores)")
     g.add_argument("--num_val_images", type=int, default=16, help="validation images logged to W&B per epoch")
     g.add_argument("--log_every", type=int, default=10, help="optimizer steps between train log lines")
     g.add_argument("--eval_count_images", type=int, default=0,
@@ -85,6 +87,8 @@ def parse_args(argv=None):
     g.add_argument("--wandb_mode", default=None, choices=["online", "offline", "disabled"],
                    help="default: online when a W&B key is configured, else offline")
     args = p.parse_args(argv)
+    if args.num_workers is None:
+        args.num_workers = min(4, max(0, (os.cpu_count() or 1) - 1)) if torch.cuda.is_available() else 0
     default_train, default_val = DEFAULT_SPLITS[args.dataset]
     args.train_split = args.train_split or default_train
     args.val_split = args.val_split or default_val

@@ -38,13 +38,15 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=20, help="timed steps of each kind")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, kernels, caches)")
     p.add_argument("--image_size", type=int, default=None, help="synthetic image side (default 224 tiny, else 512)")
-    p.add_argument("--num_workers", type=int, default=2)
+    p.add_argument("--num_workers", type=int, default=None, help="default: as training (4 with CUDA, 0 on CPU)")
     p.add_argument("--load_in_4bit", action="store_true")
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.num_workers is None:
+        args.num_workers = min(4, max(0, (os.cpu_count() or 1) - 1)) if device == "cuda" else 0
     name = mvr.random_weights_dir(args.model_name) if args.random_weights else args.model_name
     model, processor = mvr.build_model(name, device=device, load_in_4bit=args.load_in_4bit,
                                        gradient_checkpointing=args.gradient_checkpointing)
