@@ -13,12 +13,11 @@ Counting data: FSC-147, OmniCount-191 (COCO) and a synthetic default, turned int
 import argparse
 import hashlib
 import json
-import math
 import os
 import sys
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
