@@ -440,13 +440,6 @@ def main(argv=None):
             with accelerator.accumulate(model):
                 pred = model(**batch)
                 loss, loss_x, loss_y = mvr.regression_loss(pred.float(), batch["targets"])
-                finite = torch.isfinite(loss.detach())
-                if world > 1:  # every rank must stop together, or the others wait forever in the next all-reduce
-                    finite = accelerator.gather(finite.float()[None]).min().bool()
-                if not finite:
-                    fail(run_dir, state, is_main, t_start,
-                         f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, batch {b + 1}, optimizer step "
-                         f"{state['step'] + 1}; the last good checkpoint (checkpoints/last) is kept")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     if not checked_flow:
@@ -461,11 +454,22 @@ def main(argv=None):
                 if accelerator.sync_gradients:
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            for k, v in (("loss", loss), ("loss_x", loss_x), ("loss_y", loss_y)):
-                window[k] += v.item()
-                epoch_sums[k] += v.item()
+            # One host sync per batch, after the step has been queued (no stall between forward and backward). A
+            # non-finite loss stops the run here; the weights it touched are never saved, so checkpoints/last is good.
+            vals = torch.stack([loss.detach(), loss_x.detach(), loss_y.detach(),
+                                (pred.detach().abs() > 0.99).float().mean()]).tolist()
+            finite = math.isfinite(vals[0])
+            if world > 1:  # every rank must stop together, or the others wait forever in the next all-reduce
+                finite = accelerator.reduce(torch.tensor([float(not finite)], device=accelerator.device), "max").item() == 0
+            if not finite:
+                fail(run_dir, state, is_main, t_start,
+                     f"non-finite loss ({vals[0]}) at epoch {epoch + 1}, batch {b + 1}, optimizer step "
+                     f"{state['step'] + 1}; the last good checkpoint (checkpoints/last) is kept")
+            for k, v in zip(("loss", "loss_x", "loss_y"), vals):
+                window[k] += v
+                epoch_sums[k] += v
             epoch_sums["n"] += 1
-            window["sat"] += (pred.detach().abs() > 0.99).float().mean().item()
+            window["sat"] += vals[3]
             window["n"] += 1
             window["samples"] += pred.shape[0] * world
             bar.update(1)
