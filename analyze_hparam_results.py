@@ -27,10 +27,11 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 
 import numpy as np
 import pandas as pd
+
+import utils
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HPARAMS = ["lr", "lora_r", "lora_alpha", "mlp_layers"]  # the grid's axes, named as train_vlm_regression.py's args
@@ -290,28 +291,11 @@ def markdown_table(ranked, top=0):
 # Atomic outputs and plots
 
 
-def replace_atomic(path, write):
-    """Call write(temp_path) and rename the result over `path`: readers never see a half-written file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
-                               suffix=os.path.splitext(path)[1])
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result should read like any other file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_figure(fig, path):
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    replace_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    utils.replace_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
 
 
@@ -412,14 +396,14 @@ def write_outputs(runs, ranked, out_dir, table):
     os.makedirs(out_dir, exist_ok=True)
     written = []
     csv_path = os.path.join(out_dir, "summary.csv")
-    replace_atomic(csv_path, lambda tmp: ranked.to_csv(tmp, index=False))
+    utils.replace_atomic(csv_path, lambda tmp: ranked.to_csv(tmp, index=False))
     md_path = os.path.join(out_dir, "summary.md")
 
     def write_md(tmp):
         with open(tmp, "w") as f:
             f.write(table + "\n")
 
-    replace_atomic(md_path, write_md)
+    utils.replace_atomic(md_path, write_md)
     written += [csv_path, md_path]
     done = ranked[ranked.status == "completed"]
     if done.empty:

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 import warnings
 from collections import Counter
@@ -417,15 +416,6 @@ def parse_args(argv=None):
     return args
 
 
-def write_text_atomic(path, text):
-    """Temp file + rename: a reader never sees half a file, and an interrupted run leaves the previous one intact."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def _safe_name(s):
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in s)[-60:]
 
@@ -461,9 +451,9 @@ def main(argv=None):
                    dataset=args.dataset, split=args.split)
 
     os.makedirs(os.path.join(args.output_dir, "vis"), exist_ok=True)
-    write_text_atomic(os.path.join(args.output_dir, "predictions.jsonl"),
+    utils.write_text_atomic(os.path.join(args.output_dir, "predictions.jsonl"),
                       "".join(json.dumps(p) + "\n" for p in out["predictions"]))
-    write_text_atomic(os.path.join(args.output_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
+    utils.write_text_atomic(os.path.join(args.output_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
     by_key = {(r.image_id, r.object_type): r for r in records}
     images = []
     for n, p in enumerate(out["predictions"][: args.num_vis]):

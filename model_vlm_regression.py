@@ -422,11 +422,18 @@ class VLMRegressionModel(nn.Module):
         if processor is not None:
             processor.save_pretrained(os.path.join(out_dir, "processor"))
 
+    def load_heads(self, path):
+        """Both heads from save_pretrained's heads.safetensors."""
+        from safetensors.torch import load_file
+
+        heads = load_file(os.path.join(path, "heads.safetensors"))
+        for name, head in (("x_head", self.x_head), ("y_head", self.y_head)):
+            head.load_state_dict({k[len(name) + 1:]: v for k, v in heads.items() if k.startswith(name + ".")})
+
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=None, load_in_4bit=None, is_trainable=False):
         """(model, processor) restored from save_pretrained's folder; the base model is loaded from its recorded name."""
         from peft import PeftModel
-        from safetensors.torch import load_file
         from transformers import AutoProcessor
 
         with open(os.path.join(path, "regression_config.json")) as f:
@@ -440,9 +447,7 @@ class VLMRegressionModel(nn.Module):
         vlm = PeftModel.from_pretrained(base, os.path.join(path, "adapter"), is_trainable=is_trainable)
         cfg.pop("versions", None)
         model = cls(vlm, cfg.pop("x_token_id"), cfg.pop("y_token_id"), cfg.pop("mlp_layers"), cfg.pop("head_dim"), cfg)
-        heads = load_file(os.path.join(path, "heads.safetensors"))
-        model.x_head.load_state_dict({k[7:]: v for k, v in heads.items() if k.startswith("x_head.")})
-        model.y_head.load_state_dict({k[7:]: v for k, v in heads.items() if k.startswith("y_head.")})
+        model.load_heads(path)
         if load_in_4bit:  # the quantized base is already placed by its device_map; only the heads move
             model.x_head.to(device)
             model.y_head.to(device)

@@ -105,14 +105,6 @@ def parse_args(argv=None):
 # Small pieces: atomic files, the schedule, the gradient-flow check
 
 
-def write_json_atomic(path, obj):
-    """Write JSON through a temp file + rename: a reader never sees half a file, a crash never loses the old one."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
-
-
 def lr_lambda(warmup_steps, total_steps):
     def f(step):  # step = optimizer steps already taken
         if step < warmup_steps:
@@ -187,7 +179,7 @@ def save_checkpoint(run_dir, model, processor, optimizer, scheduler, state, best
                     "torch_rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                    os.path.join(tmp, "training_state.pt"))
-        write_json_atomic(os.path.join(tmp, "state.json"), state)
+        utils.write_json_atomic(os.path.join(tmp, "state.json"), state)
         os.replace(tmp, final)
     for link in ["last"] + (["best"] if best else []):
         tmp_link = os.path.join(ckpt_root, f".{link}.tmp")
@@ -218,9 +210,7 @@ def load_trained_weights(model, ckpt_dir):
     from safetensors.torch import load_file
 
     set_peft_model_state_dict(model.vlm, load_file(os.path.join(ckpt_dir, "adapter", "adapter_model.safetensors")))
-    heads = load_file(os.path.join(ckpt_dir, "heads.safetensors"))
-    model.x_head.load_state_dict({k[7:]: v for k, v in heads.items() if k.startswith("x_head.")})
-    model.y_head.load_state_dict({k[7:]: v for k, v in heads.items() if k.startswith("y_head.")})
+    model.load_heads(ckpt_dir)
 
 
 # -----------------------------------------------------------------------------
@@ -386,15 +376,12 @@ def main(argv=None):
                       num_train_records=len(train_ds), num_val_samples=len(val_order),
                       skipped={"train": train_skipped, "val": val_skipped}, versions=mvr.library_versions(),
                       git_commit=git_commit(), command=" ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]))
-        write_json_atomic(os.path.join(run_dir, "config.json"), config)
+        utils.write_json_atomic(os.path.join(run_dir, "config.json"), config)
         metrics_path = os.path.join(run_dir, "metrics.jsonl")
         if os.path.exists(metrics_path):  # drop lines logged after the checkpoint we resume from (or all, if none)
             with open(metrics_path) as f:
                 lines = [l for l in f if resume_dir and l.strip() and json.loads(l)["step"] <= state["step"]]
-            fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".tmp-")
-            with os.fdopen(fd, "w") as f:
-                f.writelines(lines)
-            os.replace(tmp, metrics_path)
+            utils.write_text_atomic(metrics_path, "".join(lines))
     run = init_wandb(args, config if is_main else None, run_dir) if is_main else None
 
     def log_metrics(row):
@@ -496,7 +483,7 @@ def main(argv=None):
                     log(f"{preempt.signal or 'signal'}: checkpoint saved at step {state['step']}; exiting "
                         f"(code {EXIT_PREEMPTED}); continue with --resume")
                     if is_main:
-                        write_json_atomic(os.path.join(run_dir, "results.json"),
+                        utils.write_json_atomic(os.path.join(run_dir, "results.json"),
                                           results(state, "preempted", trainable, t_start))
                     sys.exit(EXIT_PREEMPTED)
                 if args.checkpoint_every and state["step"] % args.checkpoint_every == 0 and b + 1 < train_iters:
@@ -540,7 +527,7 @@ def main(argv=None):
             min_pixels=args.min_pixels, max_pixels=args.max_pixels, batch_size=args.batch_size,
             train_mean_count=mean_count)["metrics"]
     if is_main:
-        write_json_atomic(os.path.join(run_dir, "results.json"), final)
+        utils.write_json_atomic(os.path.join(run_dir, "results.json"), final)
         log(f"done: best val loss {final['best_val_loss']:.4f} at epoch {final['best_epoch']} (baseline "
             f"{final['baseline_val_loss']:.4f}, ratio {final['best_val_loss'] / final['baseline_val_loss']:.3f}), "
             f"{final['wall_time_s']:.0f} s; outputs in {run_dir}")
@@ -563,7 +550,7 @@ def fail(run_dir, state, is_main, t_start, message):
     if is_main:
         res = results(state, "failed", None, t_start)
         res["error"] = message
-        write_json_atomic(os.path.join(run_dir, "results.json"), res)
+        utils.write_json_atomic(os.path.join(run_dir, "results.json"), res)
     sys.exit(f"error: {message}")
 
 
@@ -592,7 +579,7 @@ def run_main(argv=None):
         args = parse_args(argv)
         if os.path.isdir(args.output_dir) and int(os.environ.get("RANK", "0")) == 0:
             path = os.path.join(args.output_dir, "results.json")
-            write_json_atomic(path, {"status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]})
+            utils.write_json_atomic(path, {"status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]})
         raise
 
 

@@ -14,6 +14,9 @@ so u=-1 is the left edge, u=+1 the right edge and u=0 the image centre. (-1, -1)
 
 import functools
 
+import json
+import os
+
 import cv2
 import numpy as np
 from PIL import Image
@@ -204,3 +207,38 @@ if __name__ == "__main__":
     out = functools.reduce(side_by_side, panels)
     out.save(args.demo)
     print(f"wrote {args.demo}")
+
+
+# -----------------------------------------------------------------------------
+# files
+
+
+def replace_atomic(path, write):
+    """Call write(temp_path) and rename the result over `path`: readers never see a half-written file, and a crash
+    leaves the previous file intact. The file gets the usual permissions (mkstemp's are private)."""
+    import tempfile
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
+                               suffix=os.path.splitext(path)[1])
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text_atomic(path, text):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    replace_atomic(path, write)
+
+
+def write_json_atomic(path, obj):
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
