@@ -110,20 +110,25 @@ def _median_nn_distance(pts):
 
 @dataclass
 class SyntheticConfig:
-    """Knobs of the embedded synthetic data. Defaults are sized for the tiny CPU demo (224 px = 7x7 merged tokens):
-    large clear objects and few of them, so a hidden-64 model learns it within minutes."""
+    """Knobs of the embedded synthetic data. The defaults are sized for the tiny CPU demo (224 px = 7x7 merged
+    tokens): 1-3 large objects of one type on a plain grey background, which the tiny random model learns within
+    minutes. The random ViT's features change with the background's brightness more than with a small object, so
+    `background="varied"`, distractor types and more objects make a task it does not learn in the demo's budget
+    (docs/VLM_WORKFLOW.md section 4b); they are there for harder tests and for real models."""
 
     image_size: int = 224
     min_count: int = 1
-    max_count: int = 6  # per object type; the longest sequence a sample teaches
+    max_count: int = 3  # per object type; the longest sequence a sample teaches
     num_train: int = 2000  # images per split; every object type in an image is one sample
     num_val: int = 200
     num_test: int = 200
-    max_distractor_types: int = 2  # other shape/colour types drawn beside the named one
-    min_radius: float = 8.0  # at 224 px; scaled with image_size
-    max_radius: float = 18.0
+    max_distractor_types: int = 0  # other shape/colour types drawn beside the named one
+    min_radius: float = 12.0  # at 224 px; scaled with image_size
+    max_radius: float = 24.0
+    background: str = "plain"  # "plain": mid grey; "varied": random grey level, tint and brightness ramp
 
 
+BACKGROUNDS = ("plain", "varied")
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 230), "yellow": (240, 200, 20)}
 SYNTHETIC_TYPES = tuple(f"{c} {s}s" for s in SHAPES for c in COLOURS)
@@ -367,6 +372,10 @@ def synthetic_layout(seed, cfg):
     counts = rng.integers(cfg.min_count, cfg.max_count + 1, n_types)
     background = dict(base=int(rng.integers(70, 200)), tint=rng.integers(-25, 26, 3).tolist(),
                       angle=float(rng.uniform(0, 2 * np.pi)), amplitude=float(rng.uniform(0, 40)))
+    if cfg.background == "plain":  # drawn anyway, so both kinds place the same objects
+        background = dict(base=128, tint=[0, 0, 0], angle=0.0, amplitude=0.0)
+    elif cfg.background != "varied":
+        raise DataError(f"synthetic background must be one of {BACKGROUNDS}, got {cfg.background!r}")
     scale = s / 224
     placed = []  # (type, cx, cy, r, angle)
     for t, count in zip(types, counts.tolist()):
@@ -615,7 +624,11 @@ def add_data_args(parser):
     g.add_argument("--synthetic_num_train", type=int, default=d.num_train)
     g.add_argument("--synthetic_num_val", type=int, default=d.num_val)
     g.add_argument("--synthetic_num_test", type=int, default=d.num_test)
-    g.add_argument("--synthetic_distractor_types", type=int, default=d.max_distractor_types)
+    g.add_argument("--synthetic_distractor_types", type=int, default=d.max_distractor_types,
+                   help="up to this many other shape/colour types in each image")
+    g.add_argument("--synthetic_min_radius", type=float, default=d.min_radius, help="object radius, px at 224 px")
+    g.add_argument("--synthetic_max_radius", type=float, default=d.max_radius)
+    g.add_argument("--synthetic_background", default=d.background, choices=BACKGROUNDS)
     return parser
 
 
@@ -623,7 +636,9 @@ def synthetic_config_from_args(args):
     return SyntheticConfig(image_size=args.synthetic_image_size, min_count=args.synthetic_min_count,
                            max_count=args.synthetic_max_count, num_train=args.synthetic_num_train,
                            num_val=args.synthetic_num_val, num_test=args.synthetic_num_test,
-                           max_distractor_types=args.synthetic_distractor_types)
+                           max_distractor_types=args.synthetic_distractor_types,
+                           min_radius=args.synthetic_min_radius, max_radius=args.synthetic_max_radius,
+                           background=args.synthetic_background)
 
 
 def records_from_args(args, split):

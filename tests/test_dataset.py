@@ -193,7 +193,7 @@ def test_nearest_neighbor_is_fast_on_fsc_largest_image():
 
 
 def test_synthetic_is_deterministic_and_named_type_is_drawn():
-    cfg = dataset.SyntheticConfig(num_train=20, num_val=5)
+    cfg = dataset.SyntheticConfig(num_train=20, num_val=5, max_distractor_types=2, background="varied")
     a, _ = dataset.load_records("synthetic", split="train", seed=0, synthetic=cfg)
     b, _ = dataset.load_records("synthetic", split="train", seed=0, synthetic=cfg)
     c, _ = dataset.load_records("synthetic", split="val", seed=0, synthetic=cfg)
@@ -208,6 +208,18 @@ def test_synthetic_is_deterministic_and_named_type_is_drawn():
         for x, y in r.points:  # the object's centre pixel has the named type's colour
             np.testing.assert_allclose(img[int(y), int(x)], colour, atol=2)
         assert 1 <= len(r.points) <= cfg.max_count
+
+
+def test_synthetic_background_kinds():
+    plain, varied = (dataset.SyntheticConfig(num_train=8, background=b) for b in ("plain", "varied"))
+    lp = [dataset.synthetic_layout((0, 0, i), plain) for i in range(8)]
+    lv = [dataset.synthetic_layout((0, 0, i), varied) for i in range(8)]
+    assert [l["objects"] for l in lp] == [l["objects"] for l in lv]  # the same objects, only the background differs
+    corners = [np.array(dataset.render_synthetic(l))[[0, 0, -1, -1], [0, -1, 0, -1]] for l in lp + lv]
+    assert all((c == 128).all() for c in corners[:8])  # plain: mid grey everywhere
+    assert len({c.tobytes() for c in corners[8:]}) == 8  # varied: each image its own
+    with pytest.raises(dataset.DataError, match="background"):
+        dataset.synthetic_layout((0, 0, 0), dataset.SyntheticConfig(background="noisy"))
 
 
 def test_model_input_size_and_prepare_image(fsc):
@@ -310,9 +322,10 @@ def test_cli_stats_json(fsc):
 @pytest.mark.parametrize("fmt", ["fsc147", "omnicount"])
 def test_make_synthetic_then_real_loader(fmt, tmp_path):
     out = str(tmp_path / fmt)
-    p = run_cli("--make_synthetic", "--format", fmt, "--out", out, "--num_images", "20", "--seed", "5")
+    p = run_cli("--make_synthetic", "--format", fmt, "--out", out, "--num_images", "20", "--seed", "5",
+                "--synthetic_distractor_types", "2")  # several types per image: OmniCount's multi-label case
     assert p.returncode == 0, p.stderr
-    cfg = dataset.SyntheticConfig()
+    cfg = dataset.SyntheticConfig(max_distractor_types=2)
     for split in ("train", "val", "test"):
         real, skipped = load(fmt, out, split)
         synth = {(r.image_id.split("-")[-1], r.object_type): r.points for r in
