@@ -116,10 +116,9 @@ TINY_VERSION = "v3"  # bump when the tiny model's recipe changes, so caches are 
 
 # The random weights' scale. Hugging Face's std of 0.02 suits a model about to be pretrained, not one that is only
 # LoRA-tuned: at width 128 every layer then adds almost nothing to the residual stream, attention is uniform over
-# the ~180 tokens and the ViT's position embedding is drowned by the patch content, so the hidden state at <x>
-# carries no linear trace of where the objects are (probe R^2 ~0) and the demo stays at the baseline. A pretrained
-# 4B has sharp attention and image tokens that know their position; std 0.3 for every matrix and a position
-# embedding of std 1 are the nearest a random model gets (probe R^2 of a token's row and column 0.98).
+# the ~180 tokens, and the hidden state at <x> carries no linear trace of where the objects are (probe R^2 ~0); the
+# demo stayed at its baseline. std 0.3 for every matrix, ViT included, with the ViT's position embedding at std 1
+# made it learn; the same with the ViT left at 0.02, or with fan-in scaling, did not (docs/VLM_WORKFLOW.md 4b).
 TINY_INIT_STD = 0.3
 TINY_POS_EMBED_STD = 1.0
 
@@ -193,8 +192,11 @@ def build_tiny_model(out_dir):
     cfg["text_config"].update(bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"))
     cfg.update(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
                vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
-    torch.manual_seed(0)  # the same weights on every machine: a checkpoint's adapter only fits the base it was trained on
-    model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**cfg)).eval()
+    # The same weights on every machine (a checkpoint's adapter only fits the base it was trained on), drawn from a
+    # forked RNG: a run that builds the cache must then draw its LoRA init and dropout exactly like one that finds it.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**cfg)).eval()
     rescale_random_init(model, TINY_INIT_STD, TINY_POS_EMBED_STD)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
@@ -252,8 +254,9 @@ def random_weights_dir(model_name):
     ids = processor.tokenizer.convert_tokens_to_ids
     config.image_token_id, config.video_token_id = ids("<|image_pad|>"), ids("<|video_pad|>")
     config.vision_start_token_id, config.vision_end_token_id = ids("<|vision_start|>"), ids("<|vision_end|>")
-    torch.manual_seed(0)
-    model = Qwen3VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG as it was (see build_tiny_model)
+        torch.manual_seed(0)
+        model = Qwen3VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
     tmp = tempfile.mkdtemp(prefix=".random-", dir=cache)
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)

@@ -180,3 +180,14 @@ def test_summary_cli_for_the_4b_architecture():
     assert s["vision_params"] == 415_347_712
     assert s["lora_params"] == 33_030_144
     assert s["memory_gib"]["4bit"] < s["memory_gib"]["bf16"]
+
+
+def test_building_the_tiny_model_leaves_the_global_rng_alone(tmp_path, monkeypatch):
+    """A run that builds the cache must train exactly like one that finds it: building may not reseed torch."""
+    monkeypatch.setenv("VLM_REGRESSION_CACHE", str(tmp_path))
+    torch.manual_seed(42)
+    expected = torch.rand(4)
+    torch.manual_seed(42)
+    path = mvr.tiny_model_dir()  # builds it: the cache folder is empty
+    assert path.startswith(str(tmp_path))
+    assert torch.equal(torch.rand(4), expected)
