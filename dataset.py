@@ -399,10 +399,15 @@ def synthetic_points(layout):
 
 def render_synthetic(layout):
     s, bg = layout["size"], layout["background"]
-    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s - 0.5
-    ramp = bg["amplitude"] * (np.cos(bg["angle"]) * xx + np.sin(bg["angle"]) * yy)
     base = np.clip(bg["base"] + np.asarray(bg["tint"], np.float32), 0, 255)
-    canvas = np.clip(base[None, None, :] + ramp[:, :, None], 0, 255).astype(np.uint8)
+    if bg["amplitude"] == 0:  # plain: no per-pixel float work (it was most of a sample's preparation time)
+        canvas = np.empty((s, s, 3), np.uint8)
+        canvas[:] = base.astype(np.uint8)
+    else:
+        t = np.arange(s, dtype=np.float32) / s - 0.5  # a linear ramp is a row term plus a column term
+        img = bg["amplitude"] * (np.cos(bg["angle"]) * t[None, :] + np.sin(bg["angle"]) * t[:, None])
+        img = img[:, :, None] + base
+        canvas = np.clip(img, 0, 255, out=img).astype(np.uint8)
     for t, cx, cy, r, angle in layout["objects"]:
         colour_name, shape = t.split()
         colour = COLOURS[colour_name]
