@@ -452,7 +452,7 @@ def main(argv=None):
 
     os.makedirs(os.path.join(args.output_dir, "vis"), exist_ok=True)
     utils.write_text_atomic(os.path.join(args.output_dir, "predictions.jsonl"),
-                      "".join(json.dumps(p) + "\n" for p in out["predictions"]))
+                            "".join(json.dumps(p) + "\n" for p in out["predictions"]))
     utils.write_text_atomic(os.path.join(args.output_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
     by_key = {(r.image_id, r.object_type): r for r in records}
     images = []

@@ -217,20 +217,27 @@ def rescale_random_init(model, std, pos_embed_std, seed=0):
     model.model.visual.pos_embed.weight.normal_(0, pos_embed_std, generator=g)
 
 
-def tiny_model_dir():
-    """The cached tiny model's folder, built on first use (atomically, so parallel jobs can race safely)."""
-    cache = os.environ.get("VLM_REGRESSION_CACHE") or os.path.join(
+def cache_dir():
+    return os.environ.get("VLM_REGRESSION_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vlm_regression")
-    path = os.path.join(cache, f"tiny-qwen3-vl-{TINY_VERSION}")
+
+
+def build_once(path, build):
+    """`path`, made by build(temp_folder) on first use and renamed into place, so parallel jobs can race safely."""
     if not os.path.exists(os.path.join(path, "config.json")):
-        os.makedirs(cache, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tiny-", dir=cache)
-        build_tiny_model(tmp)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".build-", dir=os.path.dirname(path))
+        build(tmp)
         try:
             os.rename(tmp, path)
         except OSError:  # another process finished first; theirs is identical
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def tiny_model_dir():
+    """The cached tiny model's folder, built on first use."""
+    return build_once(os.path.join(cache_dir(), f"tiny-qwen3-vl-{TINY_VERSION}"), build_tiny_model)
 
 
 def resolve_model_name(model_name):
@@ -242,30 +249,22 @@ def random_weights_dir(model_name):
     its own processor if the hub cache has it, else the tiny one (the token ids are set to match). Cached."""
     from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 
-    cache = os.path.dirname(tiny_model_dir())
-    path = os.path.join(cache, "random-" + model_name.replace("/", "--"))
-    if os.path.exists(os.path.join(path, "config.json")):
-        return path
-    config = load_architecture_config(model_name)
-    try:
-        processor = AutoProcessor.from_pretrained(resolve_model_name(model_name), local_files_only=True)
-    except OSError:
-        processor = AutoProcessor.from_pretrained(tiny_model_dir())
-    ids = processor.tokenizer.convert_tokens_to_ids
-    config.image_token_id, config.video_token_id = ids("<|image_pad|>"), ids("<|video_pad|>")
-    config.vision_start_token_id, config.vision_end_token_id = ids("<|vision_start|>"), ids("<|vision_end|>")
-    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG as it was (see build_tiny_model)
-        torch.manual_seed(0)
-        model = Qwen3VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
-    tmp = tempfile.mkdtemp(prefix=".random-", dir=cache)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    del model
-    try:
-        os.rename(tmp, path)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    def build(out_dir):
+        config = load_architecture_config(model_name)
+        try:
+            processor = AutoProcessor.from_pretrained(resolve_model_name(model_name), local_files_only=True)
+        except OSError:
+            processor = AutoProcessor.from_pretrained(tiny_model_dir())
+        ids = processor.tokenizer.convert_tokens_to_ids
+        config.image_token_id, config.video_token_id = ids("<|image_pad|>"), ids("<|video_pad|>")
+        config.vision_start_token_id, config.vision_end_token_id = ids("<|vision_start|>"), ids("<|vision_end|>")
+        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG as it was (see build_tiny_model)
+            torch.manual_seed(0)
+            model = Qwen3VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+        model.save_pretrained(out_dir)
+        processor.save_pretrained(out_dir)
+
+    return build_once(os.path.join(cache_dir(), "random-" + model_name.replace("/", "--")), build)
 
 
 # -----------------------------------------------------------------------------

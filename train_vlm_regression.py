@@ -1,9 +1,10 @@
 """
 Train Qwen3-VL (LoRA + <x>/<y> regression heads) to point at the next uncounted object.
 
-The embedded demo (tiny random-init Qwen3-VL, synthetic data, a few minutes on 2 CPU cores):
-    python train_vlm_regression.py --model_name tiny --dataset synthetic --output_dir runs/demo \
-        --epochs 8 --train_iters 200 --val_iters 25 --batch_size 4 --lr 1e-3 --mlp_lr_multiplier 1 --eval_count_images 50
+The embedded demo (tiny random-init Qwen3-VL, synthetic data, about 8 minutes on 2 CPU cores):
+    python train_vlm_regression.py --model_name tiny --dataset synthetic --output_dir runs/demo --epochs 30 \
+        --train_iters 200 --val_iters 25 --batch_size 4 --lr 1e-3 --mlp_lr_multiplier 1 --max_grad_norm 0 \
+        --eval_count_images 50
 
 Real data on one GPU (the seed's commands):
     python train_vlm_regression.py --dataset fsc147 --data_root /media/M2SSD/FSC147 --batch_size 4 --epochs 10 --lr 1e-3
@@ -242,6 +243,15 @@ def mean_over_ranks(accelerator, values):
     return accelerator.reduce(t, "mean").tolist()
 
 
+def any_rank(accelerator, *flags):
+    """Each flag OR-ed over the ranks in one all-reduce, so every rank takes the same decision (a rank that stopped
+    alone would leave the others waiting forever in the next collective)."""
+    if accelerator.num_processes == 1:
+        return [bool(f) for f in flags]
+    t = torch.tensor([float(bool(f)) for f in flags], device=accelerator.device)
+    return [v > 0 for v in accelerator.reduce(t, "max").tolist()]
+
+
 def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -302,8 +312,7 @@ class Preemption:
 # -----------------------------------------------------------------------------
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(args):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -445,10 +454,9 @@ def main(argv=None):
             # non-finite loss stops the run here; the weights it touched are never saved, so checkpoints/last is good.
             vals = torch.stack([loss.detach(), loss_x.detach(), loss_y.detach(),
                                 (pred.detach().abs() > 0.99).float().mean()]).tolist()
-            finite = math.isfinite(vals[0])
-            if world > 1:  # every rank must stop together, or the others wait forever in the next all-reduce
-                finite = accelerator.reduce(torch.tensor([float(not finite)], device=accelerator.device), "max").item() == 0
-            if not finite:
+            # the preemption signal is agreed here too: one all-reduce per batch for both decisions
+            nonfinite, stop = any_rank(accelerator, not math.isfinite(vals[0]), preempt.signal is not None)
+            if nonfinite:
                 fail(run_dir, state, is_main, t_start,
                      f"non-finite loss ({vals[0]}) at epoch {epoch + 1}, batch {b + 1}, optimizer step "
                      f"{state['step'] + 1}; the last good checkpoint (checkpoints/last) is kept")
@@ -475,16 +483,13 @@ def main(argv=None):
                     log_metrics(row)
                     bar.set_postfix(loss=f"{row['train/loss']:.4f}", sps=f"{row['train/samples_per_s']:.1f}")
                     window.update(loss=0.0, loss_x=0.0, loss_y=0.0, sat=0.0, n=0, samples=0, t=time.time(), data_t=0.0)
-                stop = preempt.signal is not None
-                if world > 1:  # ranks may get the signal at different steps; all must save and leave together
-                    stop = bool(accelerator.reduce(torch.tensor([float(stop)], device=accelerator.device), "max"))
                 if stop:
                     checkpoint()
                     log(f"{preempt.signal or 'signal'}: checkpoint saved at step {state['step']}; exiting "
                         f"(code {EXIT_PREEMPTED}); continue with --resume")
                     if is_main:
                         utils.write_json_atomic(os.path.join(run_dir, "results.json"),
-                                          results(state, "preempted", trainable, t_start))
+                                                results(state, "preempted", trainable, t_start))
                     sys.exit(EXIT_PREEMPTED)
                 if args.checkpoint_every and state["step"] % args.checkpoint_every == 0 and b + 1 < train_iters:
                     checkpoint()
@@ -573,10 +578,10 @@ def init_wandb(args, config, run_dir):
 
 def run_main(argv=None):
     """main(), but an unexpected error still leaves results.json saying `failed` and why, for the sweep tools."""
+    args = parse_args(argv)  # once: the default output_dir holds the time, a second parse could name another
     try:
-        return main(argv)
+        return main(args)
     except Exception as e:
-        args = parse_args(argv)
         if os.path.isdir(args.output_dir) and int(os.environ.get("RANK", "0")) == 0:
             path = os.path.join(args.output_dir, "results.json")
             utils.write_json_atomic(path, {"status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]})

@@ -13,9 +13,9 @@ so u=-1 is the left edge, u=+1 the right edge and u=0 the image centre. (-1, -1)
 """
 
 import functools
-
 import json
 import os
+import tempfile
 
 import cv2
 import numpy as np
@@ -192,23 +192,6 @@ def add_caption(image, text, font_size=None):
     return out
 
 
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Write a demo of the numbered marks at several image sizes.")
-    parser.add_argument("--demo", default="marks_demo.png", help="output PNG")
-    args = parser.parse_args()
-    rng = np.random.default_rng(0)
-    panels = []
-    for w, h in ((224, 224), (576, 384), (640, 640)):
-        img = Image.fromarray(rng.integers(60, 200, (h, w, 3), dtype=np.uint8))
-        pts = np.stack([rng.uniform(0, w, 120), rng.uniform(0, h, 120)], 1)
-        panels.append(mark_objects(img, pts[:12 if w == 224 else 120]))
-    out = functools.reduce(side_by_side, panels)
-    out.save(args.demo)
-    print(f"wrote {args.demo}")
-
-
 # -----------------------------------------------------------------------------
 # files
 
@@ -216,8 +199,6 @@ if __name__ == "__main__":
 def replace_atomic(path, write):
     """Call write(temp_path) and rename the result over `path`: readers never see a half-written file, and a crash
     leaves the previous file intact. The file gets the usual permissions (mkstemp's are private)."""
-    import tempfile
-
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
                                suffix=os.path.splitext(path)[1])
@@ -242,3 +223,21 @@ def write_text_atomic(path, text):
 
 def write_json_atomic(path, obj):
     write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a demo of the numbered marks at several image sizes.")
+    parser.add_argument("--demo", default="marks_demo.png", help="output PNG")
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    panels = []
+    for w, h in ((224, 224), (576, 384), (640, 640)):
+        img = Image.fromarray(rng.integers(60, 200, (h, w, 3), dtype=np.uint8))
+        pts = np.stack([rng.uniform(0, w, 120), rng.uniform(0, h, 120)], 1)
+        panels.append(mark_objects(img, pts[:12 if w == 224 else 120]))
+    out = functools.reduce(side_by_side, panels)
+    out.save(args.demo)
+    print(f"wrote {args.demo}")
+
