@@ -398,12 +398,7 @@ def write_outputs(runs, ranked, out_dir, table):
     csv_path = os.path.join(out_dir, "summary.csv")
     utils.replace_atomic(csv_path, lambda tmp: ranked.to_csv(tmp, index=False))
     md_path = os.path.join(out_dir, "summary.md")
-
-    def write_md(tmp):
-        with open(tmp, "w") as f:
-            f.write(table + "\n")
-
-    utils.replace_atomic(md_path, write_md)
+    utils.write_text_atomic(md_path, table + "\n")
     written += [csv_path, md_path]
     done = ranked[ranked.status == "completed"]
     if done.empty:

@@ -10,25 +10,35 @@
 # skip themselves anyway; unfinished ones resume from their checkpoints).
 #
 # Arguments and environment variables:
-#   SWEEP_DIR   the sweep folder                 (default: $SWEEP_DIR, else runs/hparam_search next to this script)
+#   SWEEP_DIR   the sweep folder; must exist     (default: $SWEEP_DIR, else runs/hparam_search next to this script)
 #   JOB_ID      array job id(s), comma separated, to ask squeue/sacct about, besides those the sweep's tasks recorded
 #               in SWEEP_DIR/slurm_jobs (a job none of whose tasks has started yet is known only from this argument)
 #   LOG_LINES   log lines shown per failed task                                                       (default 12)
-# The state of a task, first match wins: results.json says completed -> completed; squeue lists it -> pending or
-# running; sacct's last state is a failure, or its run folder holds a run that stopped unfinished -> failed;
-# else not started. squeue and sacct are optional: without accounting (or in the second after sbatch, before sacct
-# has the job), files and squeue decide.
+# The state of a task, first match wins: results.json parses and says completed -> completed; squeue lists it ->
+# pending or running; sacct's last state means the task ended without a completed run (RERUN_STATES), or its run
+# folder holds a run that stopped unfinished (a results.json cut short included) -> failed; else not started.
+# squeue and sacct are optional: without accounting (or in the second after sbatch, before sacct has the job), files
+# and squeue decide.
+#
+# Exit codes: 0 the report was printed (whatever the tasks' states); 1 error (no such sweep folder, ...); 2 bad
+# arguments.
 set -euo pipefail
 
-if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0; fi
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=slurm_lib.sh
+source "$HERE/slurm_lib.sh"
+case "${1:-}" in
+  -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
+  -*) usage_error "unknown option '$1' (see --help)" ;;
+esac
+[ $# -le 2 ] || usage_error "too many arguments (see --help)"
 SWEEP=${1:-${SWEEP_DIR:-$HERE/runs/hparam_search}}
+[ -d "$SWEEP" ] || die "no sweep folder at $SWEEP"
 JOB_ARG=${2:-}
 LOG_LINES=${LOG_LINES:-12}
-# the settings run_hparam_search.sh records; only these are read back from sweep.env
-SETTINGS=(DATASET DATA_ROOT CATEGORIES MODEL_NAME EPOCHS BATCH_SIZE SWEEP_DIR EXTRA_ARGS WANDB_PROJECT WANDB_MODE VENV
-  PROJECT_DIR GRID_LR GRID_LORA_R GRID_LORA_ALPHA GRID_MLP_LAYERS)
-FAILED_STATES=" FAILED TIMEOUT OUT_OF_MEMORY NODE_FAIL CANCELLED PREEMPTED BOOT_FAIL DEADLINE COMPLETED REQUEUED "
+# sacct states of a task that ended without a completed run: it is rerun (COMPLETED too: the batch script exited 0,
+# but results.json does not say completed)
+RERUN_STATES=" FAILED TIMEOUT OUT_OF_MEMORY NODE_FAIL CANCELLED PREEMPTED BOOT_FAIL DEADLINE COMPLETED REQUEUED "
 
 # ---- the sweep's recorded settings (KEY=VALUE lines; read, never sourced)
 declare -A SET=()
@@ -39,17 +49,29 @@ if [ -f "$SWEEP/sweep.env" ]; then
   done < "$SWEEP/sweep.env"
 fi
 
-# ---- the grid, from the one place that defines it (with the sweep's own grid settings, if it had any)
-grid_env=()
+# ---- the grid, with the sweep's own grid settings (those it did not record were the defaults)
 for name in GRID_LR GRID_LORA_R GRID_LORA_ALPHA GRID_MLP_LAYERS; do
-  if [ -n "${SET[$name]+x}" ]; then grid_env+=("$name=${SET[$name]}"); fi
+  if [ -n "${SET[$name]+x}" ]; then
+    export "$name=${SET[$name]}"
+  elif [ -f "$SWEEP/sweep.env" ]; then
+    unset "$name"
+  fi
 done
-declare -A RUN_OF=()
-NUM_TASKS=0
-while IFS=$'\t' read -r task run _; do
-  RUN_OF[$task]=$run
-  NUM_TASKS=$((NUM_TASKS + 1))
-done < <(env "${grid_env[@]}" bash "$HERE/run_hparam_search.sh" --list | tail -n +2)
+read_grid
+declare -A RUN_OF=() RESULT=() ERROR=()
+run_dirs=()
+for ((t = 0; t < NUM_TASKS; t++)); do
+  config "$t"
+  RUN_OF[$t]=$RUN_NAME
+  run_dirs+=("$SWEEP/$RUN_NAME")
+done
+t=0
+while IFS=$'\t' read -r status _ error; do
+  RESULT[$t]=$status
+  ERROR[$t]=$error
+  t=$((t + 1))
+done < <(results_status "${run_dirs[@]}")
+[ "$t" = "$NUM_TASKS" ] || die "could not read the runs' results.json files"
 
 # ---- job ids: the argument and what the tasks recorded
 declare -A SEEN_JOB=()
@@ -99,14 +121,8 @@ if [ -n "$JOB_LIST" ] && command -v sacct > /dev/null 2>&1; then
   fi
 fi
 
-completed_run() { grep -Eqs '"status"[[:space:]]*:[[:space:]]*"completed"' "$1/results.json"; }
-results_field() {  # results_field RUN_DIR KEY: a top-level string or number of results.json (written one per line)
-  sed -n "s/^ *\"$2\": *\"\{0,1\}\([^\"]*\)\"\{0,1\},\{0,1\}$/\1/p" "$1/results.json" 2> /dev/null | head -1
-}
 results_note() {  # "results.json: failed (the error)"
-  local error
-  error=$(results_field "$1" error)
-  echo "results.json: $(results_field "$1" status)${error:+ ($error)}"
+  echo "results.json: ${RESULT[$1]}${ERROR[$1]:+ (${ERROR[$1]})}"
 }
 
 # ---- classify every task
@@ -115,19 +131,19 @@ for ((t = 0; t < NUM_TASKS; t++)); do
   dir="$SWEEP/${RUN_OF[$t]}"
   acct_state=${ACCT[$t]:-}
   acct_state=${acct_state%% *}
-  if completed_run "$dir"; then
+  if [ "${RESULT[$t]}" = completed ]; then
     STATE[$t]=completed
   elif [ -n "${QUEUE[$t]+x}" ]; then
     STATE[$t]=${QUEUE[$t]}
-  elif [ -n "$acct_state" ] && [[ "$FAILED_STATES" == *" $acct_state "* ]]; then
+  elif [ -n "$acct_state" ] && [[ "$RERUN_STATES" == *" $acct_state "* ]]; then
     STATE[$t]=failed
     WHY[$t]="${ACCT[$t]}, job ${ACCT_JOB[$t]}"
-    if [ -f "$dir/results.json" ]; then WHY[$t]+="; $(results_note "$dir")"; fi
+    if [ "${RESULT[$t]}" != missing ]; then WHY[$t]+="; $(results_note "$t")"; fi
   elif [ "$acct_state" = RUNNING ] || [ "$acct_state" = PENDING ]; then  # when squeue could not say
     STATE[$t]=$(echo "$acct_state" | tr '[:upper:]' '[:lower:]')
-  elif [ -f "$dir/results.json" ]; then
+  elif [ "${RESULT[$t]}" != missing ]; then
     STATE[$t]=failed
-    WHY[$t]=$(results_note "$dir")
+    WHY[$t]=$(results_note "$t")
   elif [ -d "$dir" ] && [ -n "$(ls -A "$dir" 2> /dev/null)" ]; then
     STATE[$t]=failed
     WHY[$t]="stopped unfinished (no results.json, not in the queue)"
@@ -160,7 +176,7 @@ log_of() {  # log_of TASK: the task's log file, if it can be found
   if [ -n "$f" ] && [ -f "$f" ]; then echo "$f"; return; fi
   job=${ACCT_JOB[$t]:-}
   if [ -n "$job" ]; then
-    f=$(scontrol show job "$job" 2> /dev/null | sed -n 's/^ *StdOut=//p' | head -1 || true)
+    f=$(job_field "$job" StdOut)
     if [ -n "$f" ] && [ -f "$f" ]; then echo "$f"; return; fi
     for d in "$WORK_DIR" "$HERE" "$PWD"; do
       for f in "$d"/logs/*_"$job".out; do if [ -f "$f" ]; then echo "$f"; return; fi; done

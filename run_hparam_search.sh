@@ -23,13 +23,15 @@
 #
 # Grid: lr [1e-3 5e-4 1e-4 5e-5] x LoRA r [8 16 32] x LoRA alpha [16 32] x MLP layers [2 3 4] = 72 tasks. Task id ->
 # config is fixed (lr varies slowest, MLP layers fastest); a task trains into SWEEP_DIR/<run name>, e.g.
-# SWEEP_DIR/lr1e-3_r16_a32_mlp3. A task whose run has a completed results.json exits at once, so resubmitting the
-# whole array only runs what is missing; an unfinished run resumes from its last checkpoint (--resume).
-# Preemption: USR1 (the --signal warning above, 10 min before the time limit) and TERM are forwarded to training, which
-# saves a checkpoint and exits with 75. After USR1 the task requeues itself (SLURM holds a requeued task ~2 min before
-# it restarts); after TERM (scancel, preemption, time limit) it does not: SLURM decides, and a preempted job is
-# requeued by SLURM when the cluster's PreemptMode says so. Ask a running task to checkpoint and requeue:
-#   scancel --signal=USR1 --batch JOBID_TASK
+# SWEEP_DIR/lr1e-3_r16_a32_mlp3. A task whose results.json parses and says "completed" exits at once, so
+# resubmitting the whole array only runs what is missing; an unfinished run resumes from its last checkpoint
+# (--resume). The grid, the settings and the signal handling live in slurm_lib.sh, in the project folder.
+# Preemption: USR1 (the --signal warning above) and TERM are forwarded to training, which saves a checkpoint and
+# exits with 75; after USR1 the task then requeues itself, after TERM SLURM decides. A task requeues only when
+# training exited 75. Details: docs/HPC_DEPLOYMENT_GUIDE.md, section 5.
+#
+# Exit codes: 0 completed (or already completed); 1 error (training failed, project not found, ...); 2 bad arguments
+# or task id; 75 stopped by a signal with a checkpoint saved (requeued after USR1; run again to resume).
 #
 # Environment variables (all optional; sbatch passes your environment to the tasks):
 #   DATASET          synthetic | fsc147 | omnicount                                      (default fsc147)
@@ -50,41 +52,22 @@
 # The variables you set are recorded in SWEEP_DIR/sweep.env, so check_hparam_status.sh can print an exact resubmit
 # command. W&B runs are grouped by the sweep folder's name (WANDB_RUN_GROUP) and named like the run folders.
 set -euo pipefail
+# a signal before the traps below is kept for training too (slurm_lib.sh: forward)
+trap 'SIGNALLED=USR1' USR1
+trap 'SIGNALLED=TERM' TERM
 
-# The grid: one place, read by --list, by each task, by check_hparam_status.sh and analyze_hparam_results.py
-# (both call --list).
-read -r -a LRS <<< "${GRID_LR:-1e-3 5e-4 1e-4 5e-5}"
-read -r -a RANKS <<< "${GRID_LORA_R:-8 16 32}"
-read -r -a ALPHAS <<< "${GRID_LORA_ALPHA:-16 32}"
-read -r -a MLPS <<< "${GRID_MLP_LAYERS:-2 3 4}"
-NUM_TASKS=$(( ${#LRS[@]} * ${#RANKS[@]} * ${#ALPHAS[@]} * ${#MLPS[@]} ))
-SETTINGS=(DATASET DATA_ROOT CATEGORIES MODEL_NAME EPOCHS BATCH_SIZE SWEEP_DIR EXTRA_ARGS WANDB_PROJECT WANDB_MODE VENV
-  PROJECT_DIR GRID_LR GRID_LORA_R GRID_LORA_ALPHA GRID_MLP_LAYERS)
-EXIT_PREEMPTED=75  # train_vlm_regression.py: checkpoint saved, resume me
-
-die() { echo "error: $*" >&2; exit 1; }
-
-check_grid() {
-  local v
-  [ "$NUM_TASKS" -gt 0 ] || die "empty grid"
-  for v in "${LRS[@]}"; do [[ "$v" =~ ^[0-9.]+([eE][-+]?[0-9]+)?$ ]] || die "GRID_LR: '$v' is not a number"; done
-  for v in "${RANKS[@]}" "${ALPHAS[@]}" "${MLPS[@]}"; do
-    [[ "$v" =~ ^[0-9]+$ ]] || die "grid value '$v' is not an integer"
-  done
-}
-
-# config TASK -> sets LR LORA_R LORA_ALPHA MLP_LAYERS RUN_NAME (lr varies slowest, MLP layers fastest)
-config() {
-  local t=$1
-  if ! [[ "$t" =~ ^[0-9]+$ ]] || [ "$t" -ge "$NUM_TASKS" ]; then
-    die "task id '$t' is outside the grid (0-$((NUM_TASKS - 1)))"
-  fi
-  MLP_LAYERS=${MLPS[t % ${#MLPS[@]}]}; t=$((t / ${#MLPS[@]}))
-  LORA_ALPHA=${ALPHAS[t % ${#ALPHAS[@]}]}; t=$((t / ${#ALPHAS[@]}))
-  LORA_R=${RANKS[t % ${#RANKS[@]}]}; t=$((t / ${#RANKS[@]}))
-  LR=${LRS[t]}
-  RUN_NAME="lr${LR}_r${LORA_R}_a${LORA_ALPHA}_mlp${MLP_LAYERS}"
-}
+# The project (train_vlm_regression.py, slurm_lib.sh): PROJECT_DIR if set, else this script's folder, else, under
+# sbatch, which runs a copy of the script from its spool folder, the folder of the path sbatch was given
+project=${PROJECT_DIR:-$(dirname "$0")}
+if [ -z "${PROJECT_DIR:-}" ] && [ -n "${SLURM_JOB_ID:-}" ] && [ ! -f "$project/slurm_lib.sh" ]; then
+  project=$(dirname "$(scontrol show job "$SLURM_JOB_ID" 2> /dev/null | sed -n 's/^ *Command=//p' | head -1)")
+fi
+if [ ! -f "$project/slurm_lib.sh" ] || [ ! -f "$project/train_vlm_regression.py" ]; then
+  echo "error: no project in '$project': submit the project's own script or set PROJECT_DIR" >&2
+  exit 1
+fi
+# shellcheck source=slurm_lib.sh
+source "$project/slurm_lib.sh"
 
 list_configs() {
   local t
@@ -93,32 +76,6 @@ list_configs() {
     config "$t"
     printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$t" "$RUN_NAME" "$LR" "$LORA_R" "$LORA_ALPHA" "$MLP_LAYERS"
   done
-}
-
-find_project_dir() {
-  local here cmd
-  if [ -n "${PROJECT_DIR:-}" ]; then
-    echo "$PROJECT_DIR"; return
-  fi
-  here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)  # under sbatch: a copy in the spool folder
-  if [ -f "$here/train_vlm_regression.py" ]; then echo "$here"; return; fi
-  if [ -n "${SLURM_JOB_ID:-}" ]; then  # the path sbatch was given
-    cmd=$(scontrol show job "$(slurm_task_ref)" 2> /dev/null | sed -n 's/^ *Command=//p' | head -1 || true)
-    if [ -n "$cmd" ] && [ -f "$(dirname "$cmd")/train_vlm_regression.py" ]; then
-      (cd "$(dirname "$cmd")" && pwd); return
-    fi
-  fi
-  echo "${SLURM_SUBMIT_DIR:-$PWD}"
-}
-
-# An array task's own id: "<array job>_<task>". Not $SLURM_JOB_ID alone: for the array's last task that equals the
-# array job id, and `scontrol requeue <array job id>` would requeue every task of the array.
-slurm_task_ref() {
-  if [ -n "${SLURM_ARRAY_JOB_ID:-}" ]; then
-    echo "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
-  else
-    echo "$SLURM_JOB_ID"
-  fi
 }
 
 # The settings the user set, one KEY=VALUE per line (read back by check_hparam_status.sh without eval).
@@ -140,39 +97,28 @@ write_sweep_env() {
   mv -f "$tmp" "$file"
 }
 
-FORWARDED=""
-TRAIN_PID=""
-forward() {  # trap handler: pass SLURM's warning on to training, which checkpoints at its next optimizer step
-  FORWARDED=$1
-  if [ -n "$TRAIN_PID" ]; then
-    echo "[$(date +%T)] got SIG$1: forwarding to training (pid $TRAIN_PID)"
-    kill -s "$1" "$TRAIN_PID" 2> /dev/null || true
-  else
-    echo "[$(date +%T)] got SIG$1 before training started: passed on once it has"
-  fi
+# Where this task ran and its log, for check_hparam_status.sh; and the sweep's array job ids, so that it can ask
+# squeue/sacct without being told
+record_attempt() {
+  local run_dir=$1 job=${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}
+  echo "$(date '+%F %T') job=$(job_ref) array_job=$job restart=${SLURM_RESTART_COUNT:-0} host=$(hostname)" \
+    "log=$(job_field "$(job_ref)" StdOut)" >> "$run_dir/slurm_attempts.log"
+  grep -qx "$job" "$SWEEP_DIR/slurm_jobs" 2> /dev/null || echo "$job" >> "$SWEEP_DIR/slurm_jobs"
 }
 
 run_task() {
-  local task=$1 rc=0 pyexe
+  local task=$1 pyexe
   config "$task"
   local run_dir="$SWEEP_DIR/$RUN_NAME"
   echo "[$(date '+%F %T')] task $task: $RUN_NAME (lr $LR, LoRA r $LORA_R alpha $LORA_ALPHA, $MLP_LAYERS MLP layers)" \
-    "on $(hostname)${SLURM_JOB_ID:+, job $(slurm_task_ref), restart ${SLURM_RESTART_COUNT:-0}}"
-  if grep -Eqs '"status"[[:space:]]*:[[:space:]]*"completed"' "$run_dir/results.json"; then
+    "on $(hostname)${SLURM_JOB_ID:+, job $(job_ref), restart ${SLURM_RESTART_COUNT:-0}}"
+  if [ "$(results_status "$run_dir" | cut -f1)" = completed ]; then
     echo "already completed ($run_dir/results.json): nothing to do"
     return 0
   fi
   mkdir -p "$run_dir"
   write_sweep_env
-  if [ -n "${SLURM_JOB_ID:-}" ]; then
-    local stdout
-    stdout=$(scontrol show job "$(slurm_task_ref)" 2> /dev/null | sed -n 's/^ *StdOut=//p' | head -1 || true)
-    echo "$(date '+%F %T') job=$(slurm_task_ref) array_job=${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}" \
-      "restart=${SLURM_RESTART_COUNT:-0} host=$(hostname) log=$stdout" >> "$run_dir/slurm_attempts.log"
-    # the array job ids this sweep ran under, so check_hparam_status.sh can ask squeue/sacct without being told
-    grep -qx "${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}" "$SWEEP_DIR/slurm_jobs" 2> /dev/null ||
-      echo "${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}" >> "$SWEEP_DIR/slurm_jobs"
-  fi
+  if [ -n "${SLURM_JOB_ID:-}" ]; then record_attempt "$run_dir"; fi
 
   if [ -n "${VENV:-}" ]; then
     # shellcheck disable=SC1091  # the user's environment
@@ -195,63 +141,35 @@ run_task() {
   export PYTHONUNBUFFERED=1 WANDB_RUN_GROUP="${WANDB_RUN_GROUP:-$(basename "$SWEEP_DIR")}"
   if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$SLURM_CPUS_PER_TASK}"; fi
   echo "+ $pyexe $PROJECT_DIR/train_vlm_regression.py ${args[*]} ${extra[*]}"
-  # In the background, so that bash runs the traps while training runs (a foreground child would delay them)
-  "$pyexe" "$PROJECT_DIR/train_vlm_regression.py" "${args[@]}" "${extra[@]}" &
-  TRAIN_PID=$!
-  if [ -n "$FORWARDED" ]; then forward "$FORWARDED"; fi  # a signal that came before training started
-  while :; do
-    rc=0
-    wait "$TRAIN_PID" || rc=$?
-    # `wait` also returns (>128) when a trapped signal arrives; training is then still running
-    kill -0 "$TRAIN_PID" 2> /dev/null || break
-  done
-  trap - USR1 TERM
-  echo "[$(date +%T)] training exited with $rc"
-
-  # killed by the forwarded signal before it could install its handler: nothing lost, resume like a preemption
-  if [ -n "$FORWARDED" ] && { [ "$rc" = 138 ] || [ "$rc" = 143 ]; }; then rc=$EXIT_PREEMPTED; fi
-  if [ "$rc" = "$EXIT_PREEMPTED" ]; then
-    if [ -z "${SLURM_JOB_ID:-}" ]; then
-      echo "stopped: run the same command again to resume from $run_dir/checkpoints/last"
-    elif [ "$FORWARDED" = TERM ]; then
-      # TERM is SLURM ending the job (scancel, time limit, preemption): its decision whether it comes back
-      echo "stopped by SIGTERM: checkpoint saved; not requeueing (a preempted job is requeued by SLURM itself)"
-    else
-      echo "preempted: requeueing $(slurm_task_ref); it resumes from $run_dir/checkpoints/last"
-      scontrol requeue "$(slurm_task_ref)" || echo "requeue failed: resubmit this task (check_hparam_status.sh)"
-    fi
-  fi
-  return "$rc"
+  run_training "$pyexe" "$PROJECT_DIR/train_vlm_regression.py" "${args[@]}" "${extra[@]}"
+  after_training "$run_dir/checkpoints/last"
+  return "$TRAIN_RC"
 }
 
 case "${1:-}" in
   --list)
-    check_grid
+    read_grid
     list_configs
     exit 0 ;;
   --task)
-    [ $# = 2 ] || die "usage: $0 --task N"
+    [ $# = 2 ] || usage_error "usage: $0 --task N"
     TASK=$2 ;;
   -h | --help)
     sed -n '/^# run_hparam_search.sh/,/^set -euo/p' "$0" | sed '$d'
     exit 0 ;;
   "")
     [ -n "${SLURM_ARRAY_TASK_ID:-}" ] ||
-      die "not a SLURM array task: submit with sbatch, or run one config with --task N (--list shows them)"
+      usage_error "not a SLURM array task: submit with sbatch, or run one config with --task N (--list shows them)"
     TASK=$SLURM_ARRAY_TASK_ID ;;
-  *) die "unknown argument '$1' (see --help)" ;;
+  *) usage_error "unknown argument '$1' (see --help)" ;;
 esac
-check_grid
-# from here on a signal must not kill the script (bash's default for USR1): it is kept for training
-trap 'forward USR1' USR1
-trap 'forward TERM' TERM
+read_grid
+trap_signals
 
 declare -A USER_SET=()  # the settings the user gave, before defaults fill in the rest
 for name in "${SETTINGS[@]}"; do if [ -n "${!name+x}" ]; then USER_SET[$name]=${!name}; fi; done
 
-PROJECT_DIR=$(find_project_dir)
-[ -f "$PROJECT_DIR/train_vlm_regression.py" ] ||
-  die "train_vlm_regression.py not found in '$PROJECT_DIR': submit from the project folder or set PROJECT_DIR"
+PROJECT_DIR=$(cd "$project" && pwd)
 DATASET=${DATASET:-fsc147}
 EPOCHS=${EPOCHS:-10}
 BATCH_SIZE=${BATCH_SIZE:-4}

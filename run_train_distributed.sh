@@ -23,20 +23,41 @@
 # Environment:
 #   GPUS_PER_NODE  processes per node    (default: SLURM_GPUS_ON_NODE, else the GPUs nvidia-smi lists, else 1)
 #   MASTER_PORT    rendezvous port       (default: 29500 + job id % 1000, so jobs sharing a node do not collide)
-#   PROJECT_DIR    the project folder    (default: the submit folder)
+#   PROJECT_DIR    the project folder, holding slurm_lib.sh   (default: the submit folder)
 #   VENV           environment to activate (default: PROJECT_DIR/.venv when it exists)
 #
 # The effective batch is --batch_size x GPUS_PER_NODE x nodes x --grad_accum (config.json records it).
-# Preemption: SLURM sends USR1 to this script 10 minutes before the time limit; it sends TERM to srun, which passes
-# it to torchrun and on to every training process; they save a checkpoint at the next optimizer step and exit, and
-# the job requeues itself and resumes (--resume) from OUTPUT_DIR/checkpoints/last.
+# Preemption: 10 minutes before the time limit SLURM sends USR1 to this script, which passes it on as TERM (torchrun
+# dies of USR1) to every rank; they checkpoint at the next optimizer step and exit 75, and the job requeues itself
+# and resumes (--resume). It requeues only when training stopped that way: a crash after the warning ends the job.
+# Details: docs/HPC_DEPLOYMENT_GUIDE.md, section 5.
+#
+# Exit codes: 0 completed; 1 error (training failed, ...); 2 bad arguments (no --output_dir); 75 stopped by a
+# signal with a checkpoint saved (requeued after USR1). torchrun exits 1 whatever its processes exited with, so 75 is read from
+# OUTPUT_DIR/results.json: "preempted", written by this attempt.
 set -euo pipefail
 
 PROJECT_DIR=${PROJECT_DIR:-${SLURM_SUBMIT_DIR:-$(pwd)}}
+[ -f "$PROJECT_DIR/slurm_lib.sh" ] || { echo "error: no slurm_lib.sh in '$PROJECT_DIR': set PROJECT_DIR" >&2; exit 1; }
+# shellcheck source=slurm_lib.sh
+source "$PROJECT_DIR/slurm_lib.sh"
+trap_signals
+FORWARD_AS=TERM
 cd "$PROJECT_DIR"
+
+output_dir=""  # where training writes results.json: to tell a preemption (75) from a crash
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+  case "${args[$i]}" in
+    --output_dir) output_dir=${args[$((i + 1))]:-} ;;
+    --output_dir=*) output_dir=${args[$i]#--output_dir=} ;;
+  esac
+done
+[ -n "$output_dir" ] || usage_error "--output_dir is required, so that a requeued job resumes the same run"
+
 VENV=${VENV:-$PROJECT_DIR/.venv}
 # shellcheck disable=SC1091
-[ -f "$VENV/bin/activate" ] && source "$VENV/bin/activate"
+if [ -f "$VENV/bin/activate" ]; then source "$VENV/bin/activate"; fi
 if [ -z "${GPUS_PER_NODE:-}" ]; then
   GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-$(nvidia-smi -L 2>/dev/null | wc -l)}
   [ "$GPUS_PER_NODE" -ge 1 ] 2>/dev/null || GPUS_PER_NODE=1
@@ -46,27 +67,14 @@ MASTER_PORT=${MASTER_PORT:-$((29500 + SLURM_JOB_ID % 1000))}
 NNODES=${SLURM_NNODES:-1}
 echo "[run_train_distributed] job $SLURM_JOB_ID: $NNODES node(s) x $GPUS_PER_NODE process(es), rendezvous $MASTER_ADDR:$MASTER_PORT, restart ${SLURM_RESTART_COUNT:-0}"
 
-warned=0
-on_usr1() { warned=1; [ -n "${pid:-}" ] && kill -TERM "$pid" 2>/dev/null || true; }
-on_term() { [ -n "${pid:-}" ] && kill -TERM "$pid" 2>/dev/null || true; }
-trap on_usr1 USR1
-trap on_term TERM
-
+before=$(results_status "$output_dir" | cut -f2)  # results.json's mtime now: a later "preempted" is this attempt's
 # One torchrun per node (srun --ntasks-per-node=1); c10d rendezvous on the first node.
-srun --kill-on-bad-exit=1 python -m torch.distributed.run \
+run_training srun --kill-on-bad-exit=1 python -m torch.distributed.run \
   --nnodes "$NNODES" --nproc_per_node "$GPUS_PER_NODE" \
   --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$SLURM_JOB_ID" \
-  train_vlm_regression.py --resume "$@" &
-pid=$!
-status=0
-# `wait` returns early when a trapped signal arrives; wait again until the launcher has really exited
-while :; do
-  wait "$pid" && status=0 || status=$?
-  kill -0 "$pid" 2>/dev/null || break
-done
-if [ "$warned" = 1 ]; then
-  echo "[run_train_distributed] time limit near: checkpoint saved, requeueing job $SLURM_JOB_ID"
-  scontrol requeue "$SLURM_JOB_ID"
-  exit 0
-fi
-exit "$status"
+  train_vlm_regression.py --resume "$@"
+status="" mtime=""
+IFS=$'\t' read -r status mtime _ < <(results_status "$output_dir") || true
+if [ "$TRAIN_RC" != 0 ] && [ "$status" = preempted ] && [ "$mtime" != "$before" ]; then TRAIN_RC=$EXIT_PREEMPTED; fi
+after_training "$output_dir/checkpoints/last"
+exit "$TRAIN_RC"

@@ -69,7 +69,8 @@ def test_task_runs_locally_then_skips_when_completed(tmp_path):
     assert results["status"] == "completed", out.stdout + out.stderr
     config = json.loads((run / "config.json").read_text())
     assert (config["lr"], config["lora_r"], config["lora_alpha"], config["mlp_layers"]) == (1e-3, 8, 32, 4)
-    assert config["run_name"] == run.name and config["epochs"] == 1 and config["train_iters"] == 3
+    assert config["run_name"] == run.name and config["epochs"] == 1
+    assert config.get("train_batches", config.get("train_iters")) == 3  # the new key, or the old one
     settings = (tmp_path / "sweep" / "sweep.env").read_text().splitlines()
     assert f"EXTRA_ARGS={TINY_ENV['EXTRA_ARGS']}" in settings and f"SWEEP_DIR={tmp_path / 'sweep'}" in settings
     assert not any(s.startswith("GRID_") for s in settings)  # only what the user set
@@ -125,8 +126,8 @@ def write_run(sweep, name, lr, r, a, m, epochs=3, results="completed", count_mae
 
 @pytest.fixture
 def fake_sweep(tmp_path):
-    """40 completed runs of the 72-grid, plus: failed (NaN), preempted, unfinished (no results.json), truncated
-    results.json, completed run with a damaged config.json, completed run with a cut-off metrics line, and a
+    """40 completed runs of the 72-grid, plus: failed (NaN), preempted, unfinished (no results.json), results.json
+    cut short after its "completed" status, completed run with a damaged config.json, completed run with a cut-off metrics line, and a
     completed run whose best_val_loss is NaN; the rest not started."""
     sweep = tmp_path / "sweep"
     rows = grid_rows()
@@ -137,8 +138,8 @@ def fake_sweep(tmp_path):
     write_run(sweep, names[0], *broken[names[0]], results="failed")
     write_run(sweep, names[1], *broken[names[1]], results="preempted")
     write_run(sweep, names[2], *broken[names[2]], results=None)
-    run = write_run(sweep, names[3], *broken[names[3]])
-    (run / "results.json").write_text('{"status": "compl')
+    run = write_run(sweep, names[3], *broken[names[3]])  # cut short, but still holding '"status": "completed"'
+    (run / "results.json").write_text((run / "results.json").read_text()[:60])
     run = write_run(sweep, names[4], *broken[names[4]])
     (run / "config.json").write_text("{not json")
     run = write_run(sweep, names[5], *broken[names[5]])
@@ -250,3 +251,68 @@ def test_status_without_slurm_counts_files_and_prints_resubmit_line(fake_sweep):
     line = out.split("Resubmit the failed and not-started tasks (40-43,47-71):\n")[1].splitlines()[0]
     assert line == (f"  cd {os.getcwd()} && DATASET=fsc147 SWEEP_DIR={sweep} EXTRA_ARGS='--train_iters 500 --seed 1' "
                     f"sbatch --array=40-43,47-71%10 <your other sbatch options> {SCRIPT}")
+
+
+# -----------------------------------------------------------------------------
+# What counts as completed, and a sweep path that does not exist
+
+
+def stub_project(tmp_path, mode="complete"):
+    """A project folder whose train_vlm_regression.py is tests/stub_training.py; the job scripts' own slurm_lib.sh."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "slurm_lib.sh").symlink_to(ROOT / "slurm_lib.sh")
+    (project / "train_vlm_regression.py").symlink_to(ROOT / "tests" / "stub_training.py")
+    return {"PROJECT_DIR": str(project), "STUB_MODE": mode}
+
+
+def test_results_json_cut_short_after_completed_is_not_completed_in_any_tool(tmp_path, capsys):
+    """A results.json that holds '"status": "completed"' but does not parse (a job killed while writing it, a full
+    disk) is not a completed run: the task trains again, the status script lists it as failed, the analysis does
+    not rank it."""
+    sweep = tmp_path / "sweep"
+    run = write_run(sweep, "lr1e-3_r8_a16_mlp2", 1e-3, 8, 16, 2)
+    (run / "results.json").write_text((run / "results.json").read_text()[:60])
+    assert '"status": "completed"' in (run / "results.json").read_text()
+
+    out = sh(STATUS, sweep).stdout
+    assert "completed 0 | failed 1 | not started 71" in out, out
+    assert "lr1e-3_r8_a16_mlp2  results.json: unreadable (JSONDecodeError" in out, out
+
+    ranked = ahr.main(["--sweep_dir", str(sweep)])
+    assert list(ranked.status) == ["corrupt"] and "results.json unreadable" in capsys.readouterr().out
+
+    task = sh(SCRIPT, "--task", "0", env={**stub_project(tmp_path), "SWEEP_DIR": str(sweep)})
+    assert "already completed" not in task.stdout and "stub training, rank 0" in task.stdout, task.stdout
+    assert json.loads((run / "results.json").read_text())["status"] == "completed"
+    assert "already completed" in sh(SCRIPT, "--task", "0", env={"SWEEP_DIR": str(sweep)}).stdout
+
+
+def test_a_sweep_folder_that_does_not_exist_is_a_one_line_error(tmp_path):
+    missing = tmp_path / "runs" / "hparam_serach"  # mistyped
+    out = sh(STATUS, missing, check=False)
+    assert out.returncode == 1 and out.stderr == f"error: no sweep folder at {missing}\n" and out.stdout == ""
+    out = subprocess.run([sys.executable, str(ROOT / "analyze_hparam_results.py"), "--sweep_dir", str(missing)],
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and out.stderr == f"error: no sweep folder at {missing}\n"
+    assert not missing.exists()  # nothing made on the way
+    out = sh(STATUS, "--sweep", check=False)
+    assert out.returncode == 2 and out.stderr.startswith("error: unknown option '--sweep'")
+
+
+def test_a_task_stopped_by_a_signal_exits_75_and_asks_to_be_run_again(tmp_path):
+    """Without SLURM there is nothing to requeue: exit 75 and the line that says how to resume."""
+    env = {**stub_project(tmp_path, "preempt"), "SWEEP_DIR": str(tmp_path / "sweep")}
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("GRID_", "SLURM_"))}
+    proc = subprocess.Popen(["bash", str(SCRIPT), "--task", "0"], env={**full, **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    started = tmp_path / "sweep" / "lr1e-3_r8_a16_mlp2" / "started.0"
+    end = time.time() + 60
+    while not started.exists():
+        assert time.time() < end and proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.1)
+    proc.send_signal(15)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 75, out
+    assert "got SIGTERM: forwarding to training" in out and "stub training: got SIGTERM" in out
+    assert "stopped: run the same command again to resume" in out
