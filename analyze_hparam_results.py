@@ -9,7 +9,9 @@ Rank the runs of a hyperparameter sweep (run_hparam_search.sh) and plot what the
 Each run folder holds train_vlm_regression.py's outputs: config.json (the hyperparameters), results.json (status,
 best/final validation loss, maybe count_eval) and metrics.jsonl (lines with "epoch_end": true carry the per-epoch
 losses and pixel error). Runs are ranked by best validation loss (or --sort_by); the table shows the pixel error at
-the best epoch and the count MAE when present. Runs that are unfinished, failed or unreadable are listed, not ranked.
+the best epoch and the count MAE when present. Runs that are unfinished, failed or unreadable are listed, not
+ranked: a run is completed only when its results.json parses, says "completed" and has a finite best_val_loss (a
+file cut short is not, whatever text it holds). A --sweep_dir that does not exist is a one-line error (exit 1).
 
 Writes into --out_dir (default SWEEP_DIR/analysis), each file atomically (temp file + rename):
     summary.csv               every run, ranked ones first, with status and problem columns

@@ -142,6 +142,8 @@ run_task() {
   if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$SLURM_CPUS_PER_TASK}"; fi
   echo "+ $pyexe $PROJECT_DIR/train_vlm_regression.py ${args[*]} ${extra[*]}"
   run_training "$pyexe" "$PROJECT_DIR/train_vlm_regression.py" "${args[@]}" "${extra[@]}"
+  # killed by the forwarded signal (128 + USR1/TERM) before it could install its handler: nothing lost, a preemption
+  if [ -n "$SIGNALLED" ] && { [ "$TRAIN_RC" = 138 ] || [ "$TRAIN_RC" = 143 ]; }; then TRAIN_RC=$EXIT_PREEMPTED; fi
   after_training "$run_dir/checkpoints/last"
   return "$TRAIN_RC"
 }

@@ -27,14 +27,14 @@
 #   VENV           environment to activate (default: PROJECT_DIR/.venv when it exists)
 #
 # The effective batch is --batch_size x GPUS_PER_NODE x nodes x --grad_accum (config.json records it).
-# Preemption: 10 minutes before the time limit SLURM sends USR1 to this script, which passes it on as TERM (torchrun
-# dies of USR1) to every rank; they checkpoint at the next optimizer step and exit 75, and the job requeues itself
-# and resumes (--resume). It requeues only when training stopped that way: a crash after the warning ends the job.
+# Preemption: 10 minutes before the time limit SLURM sends USR1 to this script, which passes it on to every rank;
+# they checkpoint at the next optimizer step and exit 75, and the job requeues itself and resumes (--resume). It
+# requeues only when training stopped that way: a crash after the warning ends the job. TERM is passed on as USR1
+# too (srun kills the job step at once on TERM; it forwards USR1, and torchrun is told to wait for its ranks on it).
 # Details: docs/HPC_DEPLOYMENT_GUIDE.md, section 5.
 #
-# Exit codes: 0 completed; 1 error (training failed, ...); 2 bad arguments (no --output_dir); 75 stopped by a
-# signal with a checkpoint saved (requeued after USR1). torchrun exits 1 whatever its processes exited with, so 75 is read from
-# OUTPUT_DIR/results.json: "preempted", written by this attempt.
+# Exit codes: 0 completed; 2 bad arguments (no --output_dir); 75 stopped by a signal with a checkpoint saved
+# (requeued after USR1); any other: training failed (srun's exit code: 1, or 128 + the signal torchrun died of).
 set -euo pipefail
 
 PROJECT_DIR=${PROJECT_DIR:-${SLURM_SUBMIT_DIR:-$(pwd)}}
@@ -42,7 +42,9 @@ PROJECT_DIR=${PROJECT_DIR:-${SLURM_SUBMIT_DIR:-$(pwd)}}
 # shellcheck source=slurm_lib.sh
 source "$PROJECT_DIR/slurm_lib.sh"
 trap_signals
-FORWARD_AS=TERM
+FORWARD_AS=USR1
+# torchrun's agent: on USR1 pass it to the ranks and wait for them (up to 30 s), like on TERM, instead of dying of it
+export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
 cd "$PROJECT_DIR"
 
 output_dir=""  # where training writes results.json: to tell a preemption (75) from a crash
@@ -73,6 +75,8 @@ run_training srun --kill-on-bad-exit=1 python -m torch.distributed.run \
   --nnodes "$NNODES" --nproc_per_node "$GPUS_PER_NODE" \
   --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$SLURM_JOB_ID" \
   train_vlm_regression.py --resume "$@"
+# torchrun exits 1 (or dies of the signal) whatever its ranks exit with: 75 is rank 0's results.json "preempted",
+# written by this attempt
 status="" mtime=""
 IFS=$'\t' read -r status mtime _ < <(results_status "$output_dir") || true
 if [ "$TRAIN_RC" != 0 ] && [ "$status" = preempted ] && [ "$mtime" != "$before" ]; then TRAIN_RC=$EXIT_PREEMPTED; fi

@@ -109,7 +109,7 @@ job_field() {
 
 SIGNALLED=${SIGNALLED:-} # the signal that came (USR1 or TERM), kept for training if it came before training started
 TRAIN_PID=""
-FORWARD_AS="" # the signal training gets; empty: the one that came (torchrun dies of USR1: it is given TERM)
+FORWARD_AS="" # the signal training gets; empty: the one that came
 
 forward() {
   SIGNALLED=$1
@@ -128,7 +128,7 @@ trap_signals() {
 }
 
 # run_training CMD...: run CMD in the background, forward signals to it, wait until it has exited; TRAIN_RC = its
-# exit code. Killed by the forwarded signal before it could handle it counts as 75: nothing was lost.
+# exit code.
 run_training() {
   "$@" &
   TRAIN_PID=$!
@@ -139,9 +139,6 @@ run_training() {
   wait "$TRAIN_PID" || TRAIN_RC=$? # bash keeps the exit code of a child it has reaped
   trap - USR1 TERM
   echo "[$(date +%T)] training exited with $TRAIN_RC"
-  if [ -n "$SIGNALLED" ] && { [ "$TRAIN_RC" = $((128 + 10)) ] || [ "$TRAIN_RC" = $((128 + 15)) ]; }; then
-    TRAIN_RC=$EXIT_PREEMPTED
-  fi
 }
 
 # after_training RESUME_FROM: what a stop means, from TRAIN_RC. Only 75 (checkpoint saved) can requeue, and only

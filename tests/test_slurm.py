@@ -12,6 +12,8 @@ The tests share the cluster and one sweep and run in file order, each starting f
   5. resubmitting the whole array skips the finished tasks;
   6. a task warned like before its time limit (USR1 to the batch shell) checkpoints, requeues itself and resumes;
      cancelled (TERM) it checkpoints and stays cancelled; the resubmit line resumes it to the end.
+Then the distributed template trains 2 processes, and both job scripts, running a stand-in training
+(tests/stub_training.py) that crashes or stops on cue, requeue only on exit 75.
 """
 import json
 import os
@@ -173,7 +175,8 @@ def test_array_of_four_runs_to_completion_through_the_real_script(sweep):
         lr, r = name.split("_")[:2]
         assert (config["lr"], config["lora_r"], config["lora_alpha"], config["mlp_layers"]) == \
             (float(lr[2:]), int(r[1:]), 16, 2)
-        assert config["model_name"] == "tiny" and config["epochs"] == 1 and config["train_iters"] == 4
+        assert config["model_name"] == "tiny" and config["epochs"] == 1
+        assert config.get("train_batches", config.get("train_iters")) == 4  # the new key, or the old one
         attempts = (run_dir / "slurm_attempts.log").read_text()
         assert f"job={job}_{task}" in attempts and f"log={log}" in attempts  # the log the status script shows
     assert (sweep["dir"] / "slurm_jobs").read_text().split() == [job]
@@ -338,3 +341,53 @@ def test_distributed_template_trains_two_processes_on_the_cluster(cluster, tmp_p
     cfg = json.loads((out / "config.json").read_text())
     assert res["status"] == "completed" and res["step"] == 3, log[-3000:]
     assert cfg["world_size"] == 2 and cfg["effective_batch_size"] == 4
+
+
+def stub_job(cluster, tmp_path, script, mode):
+    """(sbatch arguments, environment, output folder, log file name pattern) for `script` running a project whose
+    train_vlm_regression.py is tests/stub_training.py, on one CPU."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "slurm_lib.sh").symlink_to(ROOT / "slurm_lib.sh")
+    (project / "train_vlm_regression.py").symlink_to(ROOT / "tests" / "stub_training.py")
+    (tmp_path / "logs").mkdir()
+    env = {**cluster, "PROJECT_DIR": str(project), "STUB_MODE": mode, "OMP_NUM_THREADS": "1"}
+    opts = ["--gres=none", "--cpus-per-task=1", "--mem=2G", "--time=30"]
+    if script == "run_hparam_search.sh":
+        env.update(SWEEP_DIR=str(tmp_path / "sweep"), GRID_LR="1e-3", GRID_LORA_R="8", GRID_LORA_ALPHA="16",
+                   GRID_MLP_LAYERS="2", WANDB_MODE="disabled")
+        return [*opts, "--array=0", str(ROOT / script)], env, tmp_path / "sweep" / "lr1e-3_r8_a16_mlp2", \
+            "hparam_search_{job}_0.out"
+    out = tmp_path / "ddp_run"
+    env.update(VENV=str(ROOT / ".venv"), GPUS_PER_NODE="1")
+    return [*opts, str(ROOT / script), "--output_dir", str(out)], env, out, "vlm-ddp_{job}.out"
+
+
+@pytest.mark.parametrize("script,mode", [("run_hparam_search.sh", "crash"), ("run_train_distributed.sh", "crash"),
+                                         ("run_train_distributed.sh", "preempt")])
+def test_job_scripts_requeue_only_when_training_exits_75(cluster, tmp_path, script, mode):
+    """Warned with USR1, a job requeues itself only when training stopped with a checkpoint (exit 75). A training that
+    crashes after the warning ends the job as failed, even with a results.json "preempted" left by an earlier attempt
+    (torchrun exits 1 whatever its processes exit with: the distributed script reads 75 from this attempt's
+    results.json)."""
+    args, env, out, log_name = stub_job(cluster, tmp_path, script, mode)
+    out.mkdir(parents=True)
+    if mode == "crash":
+        (out / "results.json").write_text('{"status": "preempted"}')
+    job = submit(args, env, cwd=tmp_path)
+    ref = f"{job}_0" if script == "run_hparam_search.sh" else job
+    log = tmp_path / "logs" / log_name.format(job=job)
+    wait_for((out / "started.0").exists, "training to start", log, env, timeout=120)
+    run(["scancel", "--signal=USR1", "--batch", ref], env)
+    wait_done(job, env, timeout=180)
+    text = log.read_text()
+    info = run(["scontrol", "show", "job", ref], env).stdout
+    assert "got SIGUSR1: forwarding to training" in text and "stub training: got SIG" in text, text
+    if mode == "crash":
+        assert "training exited with 1" in text and "requeueing" not in text, text
+        assert "Restarts=0" in info and "JobState=FAILED" in info, info
+        assert json.loads((out / "results.json").read_text()) == {"status": "preempted"}  # not this attempt's
+    else:
+        assert f"preempted: requeueing {ref}" in text and "restart 1" in text, text
+        assert "Restarts=1" in info and "JobState=COMPLETED" in info, info
+        assert json.loads((out / "results.json").read_text())["status"] == "completed"
