@@ -1,6 +1,7 @@
 """
-Counting data: FSC-147, OmniCount-191 (COCO) and a synthetic default, turned into sequential-counting samples
-(image with the first k objects marked 1..k, target = normalized (x, y) of object k+1). See docs/DATA.md.
+Counting data: FSC-147, OmniCount-191 (COCO) and a synthetic default (synthetic_data.py), turned into
+sequential-counting samples (image with the first k objects marked 1..k, target = normalized (x, y) of object k+1).
+See docs/DATA.md.
 
     python dataset.py --stats                                             # the embedded synthetic data
     python dataset.py --dataset fsc147 --data_root data/FSC147 --split val --stats --json
@@ -11,7 +12,6 @@ Counting data: FSC-147, OmniCount-191 (COCO) and a synthetic default, turned int
 """
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -19,120 +19,24 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 import torch
 from PIL import Image
 
+import synthetic_data as synth
 import utils
+from prompt import encode_batch, object_names, prompt_text
+from utils import DataError
 
 # Qwen3-VL sees 16-px patches merged 2x2, so image sides are multiples of 32 (the processor's smart resize).
 RESIZE_FACTOR = 32
 MIN_PIXELS = 32 * 32 * 4  # the processor's own floor; tiny images are upscaled to at least 2x2 merged tokens
 MAX_PIXELS = 640 * 640  # FSC-147 (384 x ~576) and OmniCount (640x640) keep their size: no detail lost before marking
-ORDERINGS = ("reading_order", "left_to_right", "nearest_neighbor")
 DATASETS = ("synthetic", "fsc147", "omnicount")
-
-
-class DataError(ValueError):
-    """Bad data on disk or bad data arguments; the message is one line naming the file/folder and the problem."""
-
-
-# -----------------------------------------------------------------------------
-# ordering
-
-
-def order_points(points, strategy="reading_order"):
-    """Permutation (int64 indices) that puts the points (N, 2) in counting order.
-
-    reading_order: rows top-to-bottom, left-to-right inside a row. A row starts at the topmost point not yet placed
-        and takes every remaining point whose y is within `band` below it; band = 0.5 x the median nearest-neighbour
-        distance, so the rows follow the objects' own spacing (tiny dense objects -> thin rows, large sparse ones ->
-        tall rows) instead of a fixed pixel band. On a grid with jitter under ~25% of the spacing this recovers the
-        grid's rows exactly.
-    left_to_right: by x, then y.
-    nearest_neighbor: greedy path from the top-left-most point (smallest x + y), always to the nearest unvisited one.
-    Ties always break by y, then x, then input index, so the result is deterministic.
-    """
-    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-    n = len(pts)
-    if strategy not in ORDERINGS:
-        raise ValueError(f"unknown ordering {strategy!r}; choose from {ORDERINGS}")
-    if n <= 1:
-        return np.arange(n, dtype=np.int64)
-    x, y = pts[:, 0], pts[:, 1]
-    idx = np.arange(n)
-    if strategy == "left_to_right":
-        return np.lexsort((idx, y, x)).astype(np.int64)
-    by_y = np.lexsort((idx, x, y))  # the tie-break order for everything below
-    if strategy == "reading_order":
-        band = 0.5 * _median_nn_distance(pts)
-        ys = y[by_y]
-        row = np.empty(n, dtype=np.int64)
-        start, r = 0, 0
-        while start < n:  # one iteration per row, each a binary search: cheap even for 3,731 points
-            end = int(np.searchsorted(ys, ys[start] + band, side="right"))
-            row[start:end] = r
-            start, r = end, r + 1
-        return by_y[np.lexsort((np.arange(n), x[by_y], row))].astype(np.int64)
-    # nearest_neighbor: O(n^2) but each step is one vectorised pass over a shrinking candidate set
-    p = pts[by_y]
-    s = p[:, 0] + p[:, 1]
-    cur = int(np.argmin(s))  # first minimum = topmost among equals
-    remaining = np.ones(n, dtype=bool)
-    remaining[cur] = False
-    cand = np.flatnonzero(remaining)  # kept sorted, so argmin ties go to the top-most, then left-most point
-    out = np.empty(n, dtype=np.int64)
-    out[0] = cur
-    px, py = p[:, 0].copy(), p[:, 1].copy()
-    for step in range(1, n):
-        cx, cy = px[cand], py[cand]
-        d = (cx - px[cur]) ** 2 + (cy - py[cur]) ** 2
-        j = int(np.argmin(d))
-        cur = int(cand[j])
-        out[step] = cur
-        cand = np.delete(cand, j)
-    return by_y[out].astype(np.int64)
-
-
-def _median_nn_distance(pts):
-    from scipy.spatial import cKDTree
-
-    d, _ = cKDTree(pts).query(pts, k=2)
-    nn = d[:, 1]
-    nn = nn[nn > 0]  # duplicated points would make the band zero
-    return float(np.median(nn)) if len(nn) else 1.0
 
 
 # -----------------------------------------------------------------------------
 # records: one (image, object type) pair with its points
-
-
-@dataclass
-class SyntheticConfig:
-    """Knobs of the embedded synthetic data. The defaults are sized for the tiny CPU demo (224 px = 7x7 merged
-    tokens): 1-3 large objects of one type on a plain grey background, which the tiny random model learns within
-    minutes. The random ViT's features change with the background's brightness more than with a small object, so
-    `background="varied"`, distractor types and more objects make a task it does not learn in the demo's budget
-    (docs/VLM_WORKFLOW.md section 4b); they are there for harder tests and for real models."""
-
-    image_size: int = 224
-    min_count: int = 1
-    max_count: int = 3  # per object type; the longest sequence a sample teaches
-    num_train: int = 2000  # images per split; every object type in an image is one sample
-    num_val: int = 200
-    num_test: int = 200
-    max_distractor_types: int = 0  # other shape/colour types drawn beside the named one
-    min_radius: float = 12.0  # at 224 px; scaled with image_size
-    max_radius: float = 24.0
-    background: str = "plain"  # "plain": mid grey; "varied": random grey level, tint and brightness ramp
-
-
-BACKGROUNDS = ("plain", "varied")
-SHAPES = ("circle", "square", "triangle")
-COLOURS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 230), "yellow": (240, 200, 20)}
-SYNTHETIC_TYPES = tuple(f"{c} {s}s" for s in SHAPES for c in COLOURS)
-SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}
 
 
 @dataclass
@@ -144,12 +48,12 @@ class CountingRecord:
     width: int | None = None  # size of the image as loaded
     height: int | None = None
     synthetic_seed: tuple | None = None  # synthetic images are re-rendered from (seed, split, index) when loaded
-    synthetic: SyntheticConfig | None = None
+    synthetic: synth.SyntheticConfig | None = None
 
     def load_image(self):
         """The RGB PIL image the points refer to. Raises OSError for a missing, unreadable or truncated file."""
         if self.synthetic_seed is not None:
-            return render_synthetic(synthetic_layout(self.synthetic_seed, self.synthetic))
+            return synth.render_synthetic(synth.synthetic_layout(self.synthetic_seed, self.synthetic))
         with Image.open(self.image_path) as im:
             return im.convert("RGB")  # convert() decodes fully, so a truncated file fails here, not later
 
@@ -169,7 +73,7 @@ def load_records(dataset, data_root=None, split="train", categories=None, object
     if dataset == "synthetic":
         if categories:
             raise DataError("--categories applies to --dataset omnicount only")
-        records = _synthetic_records(synthetic or SyntheticConfig(), split, seed)
+        records = _synthetic_records(synthetic or synth.SyntheticConfig(), split, seed)
     elif dataset in ("fsc147", "omnicount"):
         if not data_root:
             raise DataError(f"--dataset {dataset} needs --data_root")
@@ -202,8 +106,6 @@ def load_records(dataset, data_root=None, split="train", categories=None, object
 
 def _type_key(name):
     # 'apples', 'Apple' and 'apple' name the same type: compare lower-cased plurals
-    from model_vlm_regression import object_names
-
     return object_names(name.lower())[1]
 
 
@@ -211,8 +113,8 @@ def _filter_object_types(records, object_types, dataset, skipped):
     present = sorted({r.object_type for r in records})
     known = {_type_key(t) for t in present}
     if dataset == "synthetic":
-        known |= {_type_key(t) for t in SYNTHETIC_TYPES}
-        present = sorted(set(present) | set(SYNTHETIC_TYPES))
+        known |= {_type_key(t) for t in synth.SYNTHETIC_TYPES}
+        present = sorted(set(present) | set(synth.SYNTHETIC_TYPES))
     wanted = {_type_key(t) for t in object_types}
     unknown = [t for t in object_types if _type_key(t) not in known]
     if unknown:
@@ -356,142 +258,18 @@ def _coco_records(coco, image_dir, id_prefix, skipped):
     return records
 
 
-# -----------------------------------------------------------------------------
-# synthetic data: shapes x colours on varied backgrounds, deterministic from (seed, split, index)
-
-
-def synthetic_layout(seed, cfg):
-    """Background and objects of one synthetic image: dict with 'size', 'background' params and 'objects', a list
-    of (type, cx, cy, radius, angle) with (cx, cy) in continuous pixel coordinates. Types' counts are in
-    [min_count, max_count] unless the image is too full to place them without overlap."""
-    cfg = cfg or SyntheticConfig()
-    rng = np.random.default_rng(list(seed))
-    s = cfg.image_size
-    n_types = 1 + int(rng.integers(0, cfg.max_distractor_types + 1))
-    types = [SYNTHETIC_TYPES[i] for i in rng.choice(len(SYNTHETIC_TYPES), n_types, replace=False)]
-    counts = rng.integers(cfg.min_count, cfg.max_count + 1, n_types)
-    background = dict(base=int(rng.integers(70, 200)), tint=rng.integers(-25, 26, 3).tolist(),
-                      angle=float(rng.uniform(0, 2 * np.pi)), amplitude=float(rng.uniform(0, 40)))
-    if cfg.background == "plain":  # drawn anyway, so both kinds place the same objects
-        background = dict(base=128, tint=[0, 0, 0], angle=0.0, amplitude=0.0)
-    elif cfg.background != "varied":
-        raise DataError(f"synthetic background must be one of {BACKGROUNDS}, got {cfg.background!r}")
-    scale = s / 224
-    placed = []  # (type, cx, cy, r, angle)
-    for t, count in zip(types, counts.tolist()):
-        for _ in range(count):
-            r = float(rng.uniform(cfg.min_radius, cfg.max_radius)) * scale
-            for _try in range(30):
-                c = rng.uniform(r + 1, s - r - 1, 2)
-                if all((c[0] - o[1]) ** 2 + (c[1] - o[2]) ** 2 > (r + o[3] + 3) ** 2 for o in placed):
-                    placed.append((t, float(c[0]), float(c[1]), r, float(rng.uniform(0, 2 * np.pi))))
-                    break
-    return dict(size=s, background=background, objects=placed)
-
-
-def synthetic_points(layout):
-    """{type: (N, 2) float32 centres} of a layout, types in the order they were drawn (first = the named type)."""
-    out = {}
-    for t, cx, cy, _, _ in layout["objects"]:
-        out.setdefault(t, []).append((cx, cy))
-    return {t: np.asarray(p, dtype=np.float32) for t, p in out.items()}
-
-
-def render_synthetic(layout):
-    s, bg = layout["size"], layout["background"]
-    base = np.clip(bg["base"] + np.asarray(bg["tint"], np.float32), 0, 255)
-    if bg["amplitude"] == 0:  # plain: no per-pixel float work (it was most of a sample's preparation time)
-        canvas = np.empty((s, s, 3), np.uint8)
-        canvas[:] = base.astype(np.uint8)
-    else:
-        t = np.arange(s, dtype=np.float32) / s - 0.5  # a linear ramp is a row term plus a column term
-        img = bg["amplitude"] * (np.cos(bg["angle"]) * t[None, :] + np.sin(bg["angle"]) * t[:, None])
-        img = img[:, :, None] + base
-        canvas = np.clip(img, 0, 255, out=img).astype(np.uint8)
-    for t, cx, cy, r, angle in layout["objects"]:
-        colour_name, shape = t.split()
-        colour = COLOURS[colour_name]
-        c = (cx - 0.5, cy - 0.5)  # continuous coords -> cv2 pixel-centre coords
-        if shape == "circles":
-            cv2.circle(canvas, (round(c[0] * 16), round(c[1] * 16)), round(r * 16), colour, -1, cv2.LINE_AA, 4)
-            continue
-        k = 4 if shape == "squares" else 3
-        rr = r * (1.0 if k == 4 else 1.15)  # a triangle's area looks smaller; enlarge its circumradius a little
-        a = angle + 2 * np.pi * np.arange(k) / k
-        poly = np.stack([c[0] + rr * np.cos(a), c[1] + rr * np.sin(a)], 1)
-        cv2.fillPoly(canvas, [np.round(poly * 16).astype(np.int32)], colour, cv2.LINE_AA, 4)
-    return Image.fromarray(canvas)
-
-
 def _synthetic_records(cfg, split, seed):
-    if split not in SPLIT_SEEDS:
-        raise DataError(f"synthetic split must be one of {sorted(SPLIT_SEEDS)}, got {split!r}")
+    if split not in synth.SPLIT_SEEDS:
+        raise DataError(f"synthetic split must be one of {sorted(synth.SPLIT_SEEDS)}, got {split!r}")
     n = {"train": cfg.num_train, "val": cfg.num_val, "test": cfg.num_test}[split]
     records = []
     for i in range(n):
-        key = (int(seed), SPLIT_SEEDS[split], i)
-        layout = synthetic_layout(key, cfg)
-        for t, pts in synthetic_points(layout).items():
+        key = (int(seed), synth.SPLIT_SEEDS[split], i)
+        layout = synth.synthetic_layout(key, cfg)
+        for t, pts in synth.synthetic_points(layout).items():
             records.append(CountingRecord(f"synthetic-{split}-{i:06d}", t, pts, None, cfg.image_size,
                                           cfg.image_size, synthetic_seed=key, synthetic=cfg))
     return records
-
-
-def write_synthetic(out, fmt, num_images, seed=0, cfg=None):
-    """Write synthetic images in FSC-147 or OmniCount (Roboflow COCO) layout under `out`; 80/10/10 train/val/test.
-    FSC-147 annotates only the image's first (named) type, like the real one; OmniCount annotates every type."""
-    cfg = cfg or SyntheticConfig()
-    n_val = max(1, num_images // 10)
-    sizes = {"train": max(1, num_images - 2 * n_val), "val": n_val, "test": n_val}
-    if fmt == "fsc147":
-        image_dir = os.path.join(out, "images_384_VarV2")
-        os.makedirs(image_dir, exist_ok=True)
-        annotations, split_lists, classes = {}, {}, []
-        for split, n in sizes.items():
-            split_lists[split] = []
-            for i in range(n):
-                layout = synthetic_layout((seed, SPLIT_SEEDS[split], i), cfg)
-                t, pts = next(iter(synthetic_points(layout).items()))
-                name = f"{split}_{i:06d}.jpg"
-                render_synthetic(layout).save(os.path.join(image_dir, name), quality=95)
-                radii = [o[3] for o in layout["objects"] if o[0] == t]
-                boxes = [[[x - r, y - r], [x - r, y + r], [x + r, y + r], [x + r, y - r]]
-                         for (x, y), r in list(zip(pts.tolist(), radii))[:3]]
-                # H/W are the "original" size, deliberately unlike the file's, as in the real dataset
-                annotations[name] = {"H": cfg.image_size * 2, "W": cfg.image_size * 2, "points": pts.tolist(),
-                                     "box_examples_coordinates": boxes, "ratio_h": 0.5, "ratio_w": 0.5}
-                split_lists[split].append(name)
-                classes.append(f"{name}\t{t}\n")
-        split_lists["val_coco"], split_lists["test_coco"] = split_lists["val"][:1], split_lists["test"][:1]
-        with open(os.path.join(out, "annotation_FSC147_384.json"), "w") as f:
-            json.dump(annotations, f)
-        with open(os.path.join(out, "Train_Test_Val_FSC_147.json"), "w") as f:
-            json.dump(split_lists, f)
-        with open(os.path.join(out, "ImageClasses_FSC147.txt"), "w") as f:
-            f.writelines(classes)
-    elif fmt == "omnicount":
-        cat_ids = {t: i + 1 for i, t in enumerate(SYNTHETIC_TYPES)}
-        categories = [{"id": 0, "name": "synthetic-shapes", "supercategory": "none"}]  # Roboflow's placeholder
-        categories += [{"id": i, "name": t, "supercategory": "synthetic-shapes"} for t, i in cat_ids.items()]
-        for split, n in sizes.items():
-            split_dir = os.path.join(out, "Synthetic", _split_name("omnicount", split))
-            os.makedirs(split_dir, exist_ok=True)
-            images, anns = [], []
-            for i in range(n):
-                layout = synthetic_layout((seed, SPLIT_SEEDS[split], i), cfg)
-                digest = hashlib.md5(f"{seed}-{split}-{i}".encode()).hexdigest()
-                name = f"synth-{i:06d}_jpg.rf.{digest}.jpg"
-                render_synthetic(layout).save(os.path.join(split_dir, name), quality=95)
-                images.append({"id": i, "file_name": name, "width": cfg.image_size, "height": cfg.image_size})
-                for t, x, y, r, _ in layout["objects"]:
-                    anns.append({"id": len(anns), "image_id": i, "category_id": cat_ids[t],
-                                 "bbox": [x - r, y - r, 2 * r, 2 * r], "area": 4 * r * r, "segmentation": [],
-                                 "iscrowd": 0})
-            with open(os.path.join(split_dir, "_annotations.coco.json"), "w") as f:
-                json.dump({"images": images, "annotations": anns, "categories": categories}, f)
-    else:
-        raise DataError(f"unknown format {fmt!r}; choose fsc147 or omnicount")
-    return sizes
 
 
 # -----------------------------------------------------------------------------
@@ -540,8 +318,8 @@ class CountingDataset(torch.utils.data.Dataset):
 
     def __init__(self, records, ordering="reading_order", min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS,
                  done_fraction=0.0, seed=0):
-        if ordering not in ORDERINGS:
-            raise ValueError(f"unknown ordering {ordering!r}; choose from {ORDERINGS}")
+        if ordering not in utils.ORDERINGS:
+            raise ValueError(f"unknown ordering {ordering!r}; choose from {utils.ORDERINGS}")
         if not records:
             raise DataError("no records to build samples from (check the split and the filters)")
         self.records, self.ordering = list(records), ordering
@@ -559,7 +337,7 @@ class CountingDataset(torch.utils.data.Dataset):
 
     def order(self, i):
         if i not in self._orders:
-            self._orders[i] = order_points(self.records[i].points, self.ordering)
+            self._orders[i] = utils.order_points(self.records[i].points, self.ordering)
         return self._orders[i]
 
     def __getitem__(self, i):
@@ -594,12 +372,10 @@ class CountingDataset(torch.utils.data.Dataset):
 def make_collate_fn(processor, ordering="reading_order"):
     """collate(list[CountingSample]) -> dict of tensors: every key the processor returns (input_ids,
     attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, ...) plus targets float32 (B, 2)."""
-    from model_vlm_regression import render_prompt
 
     def collate(samples):
-        texts = [render_prompt(processor, s.object_type, s.num_marked, ordering) for s in samples]
-        batch = processor(text=texts, images=[s.image for s in samples], padding=True, return_tensors="pt")
-        out = {k: v for k, v in batch.items() if torch.is_tensor(v)}
+        out = encode_batch(processor, [s.image for s in samples], [s.object_type for s in samples],
+                           [s.num_marked for s in samples], ordering)
         out["targets"] = torch.from_numpy(np.stack([s.target for s in samples]).astype(np.float32))
         return out
 
@@ -611,39 +387,42 @@ def make_collate_fn(processor, ordering="reading_order"):
 
 
 def add_data_args(parser):
+    """The data arguments of every command (dataset, training, evaluation): what to load and how to make samples."""
     g = parser.add_argument_group("data")
-    g.add_argument("--dataset", default="synthetic", choices=DATASETS)
+    g.add_argument("--dataset", default="synthetic", choices=DATASETS, help="where the images come from")
     g.add_argument("--data_root", default=None, help="dataset folder (fsc147, omnicount)")
     g.add_argument("--categories", nargs="+", default=None, help="omnicount category folders (default: all)")
     g.add_argument("--object_types", nargs="+", default=None, help="keep only these object types")
-    g.add_argument("--min_objects", type=int, default=1)
+    g.add_argument("--min_objects", type=int, default=1, help="drop samples with fewer objects")
     g.add_argument("--max_objects", type=int, default=None, help="drop samples with more objects (default: no cap)")
-    g.add_argument("--ordering", default="reading_order", choices=ORDERINGS)
-    g.add_argument("--min_pixels", type=int, default=MIN_PIXELS)
+    g.add_argument("--ordering", default="reading_order", choices=utils.ORDERINGS, help="the counting order")
+    g.add_argument("--min_pixels", type=int, default=MIN_PIXELS, help="images below this many pixels are enlarged")
     g.add_argument("--max_pixels", type=int, default=MAX_PIXELS, help="images above this many pixels are shrunk")
     g.add_argument("--done_fraction", type=float, default=0.0, help="share of 'all marked' samples, target (-1,-1)")
-    d = SyntheticConfig()
-    g.add_argument("--synthetic_image_size", type=int, default=d.image_size)
-    g.add_argument("--synthetic_min_count", type=int, default=d.min_count)
-    g.add_argument("--synthetic_max_count", type=int, default=d.max_count)
-    g.add_argument("--synthetic_num_train", type=int, default=d.num_train)
-    g.add_argument("--synthetic_num_val", type=int, default=d.num_val)
-    g.add_argument("--synthetic_num_test", type=int, default=d.num_test)
+    g = parser.add_argument_group("synthetic data (--dataset synthetic)")
+    d = synth.SyntheticConfig()
+    g.add_argument("--synthetic_image_size", type=int, default=d.image_size, help="image side in pixels")
+    g.add_argument("--synthetic_min_count", type=int, default=d.min_count, help="fewest objects of a type")
+    g.add_argument("--synthetic_max_count", type=int, default=d.max_count, help="most objects of a type")
+    g.add_argument("--synthetic_num_train", type=int, default=d.num_train, help="images in the train split")
+    g.add_argument("--synthetic_num_val", type=int, default=d.num_val, help="images in the val split")
+    g.add_argument("--synthetic_num_test", type=int, default=d.num_test, help="images in the test split")
     g.add_argument("--synthetic_distractor_types", type=int, default=d.max_distractor_types,
                    help="up to this many other shape/colour types in each image")
     g.add_argument("--synthetic_min_radius", type=float, default=d.min_radius, help="object radius, px at 224 px")
-    g.add_argument("--synthetic_max_radius", type=float, default=d.max_radius)
-    g.add_argument("--synthetic_background", default=d.background, choices=BACKGROUNDS)
+    g.add_argument("--synthetic_max_radius", type=float, default=d.max_radius, help="object radius, px at 224 px")
+    g.add_argument("--synthetic_background", default=d.background, choices=synth.BACKGROUNDS,
+                   help="plain grey, or a random grey level, tint and brightness ramp")
     return parser
 
 
 def synthetic_config_from_args(args):
-    return SyntheticConfig(image_size=args.synthetic_image_size, min_count=args.synthetic_min_count,
-                           max_count=args.synthetic_max_count, num_train=args.synthetic_num_train,
-                           num_val=args.synthetic_num_val, num_test=args.synthetic_num_test,
-                           max_distractor_types=args.synthetic_distractor_types,
-                           min_radius=args.synthetic_min_radius, max_radius=args.synthetic_max_radius,
-                           background=args.synthetic_background)
+    return synth.SyntheticConfig(image_size=args.synthetic_image_size, min_count=args.synthetic_min_count,
+                                 max_count=args.synthetic_max_count, num_train=args.synthetic_num_train,
+                                 num_val=args.synthetic_num_val, num_test=args.synthetic_num_test,
+                                 max_distractor_types=args.synthetic_distractor_types,
+                                 min_radius=args.synthetic_min_radius, max_radius=args.synthetic_max_radius,
+                                 background=args.synthetic_background)
 
 
 def records_from_args(args, split):
@@ -679,8 +458,6 @@ def _print_stats(s):
 
 
 def write_previews(ds, num, out, seed=0):
-    from model_vlm_regression import prompt_text
-
     os.makedirs(out, exist_ok=True)
     rng = np.random.default_rng(seed)
     paths = []
@@ -698,22 +475,25 @@ def write_previews(ds, num, out, seed=0):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # ---- Data
     add_data_args(parser)
     parser.add_argument("--split", default="train", help="train, val (valid) or test")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="synthetic data and sample draws")
+    # ---- What to do
     parser.add_argument("--stats", action="store_true", help="print counts per object type")
     parser.add_argument("--json", action="store_true", help="--stats as one JSON object")
     parser.add_argument("--preview", type=int, default=0, help="write this many marked sample PNGs to --out")
     parser.add_argument("--make_synthetic", action="store_true", help="write a synthetic dataset to --out")
-    parser.add_argument("--format", choices=("fsc147", "omnicount"), default="fsc147")
+    parser.add_argument("--format", choices=("fsc147", "omnicount"), default="fsc147", help="--make_synthetic's layout")
     parser.add_argument("--num_images", type=int, default=100, help="--make_synthetic: images over all splits")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, help="output folder of --preview and --make_synthetic")
     args = parser.parse_args(argv)
     try:
         if args.make_synthetic:
             if not args.out:
                 parser.error("--make_synthetic needs --out")
-            sizes = write_synthetic(args.out, args.format, args.num_images, args.seed, synthetic_config_from_args(args))
+            cfg = synthetic_config_from_args(args)
+            sizes = synth.write_synthetic(args.out, args.format, args.num_images, args.seed, cfg)
             print(f"wrote {args.format} dataset to {args.out}: {sizes}")
             return 0
         if not (args.stats or args.preview):

@@ -30,6 +30,7 @@ from tqdm import tqdm
 import dataset as data
 import model_vlm_regression as mvr
 import utils
+from prompt import encode_batch
 
 # A prediction this close to (-1, -1) in normalized units (both coordinates) means "all counted": 0.05 is 2.5% of the
 # image side from the top-left corner, where a real object's centre rarely lies.
@@ -147,6 +148,41 @@ def _to_original_frame(points, record, model_size):
 # Sequential counting
 
 
+def _start_counting(i, record, min_pixels, max_pixels):
+    """The counting state of record i: its image loaded and resized once (as in training), nothing counted yet."""
+    image, gt = data.prepare_image(record, min_pixels, max_pixels)
+    w, h = image.size
+    return {"i": i, "record": record, "marked": image, "size": (w, h), "gt": gt, "points": [],
+            "mark_radius": utils.mark_radius(w, h)}
+
+
+def _count_step(s, pred, stop_radius, done_threshold, max_steps):
+    """Take the model's prediction for counting state s: why counting stops, or None after marking and counting it.
+    Only the new label is pasted onto the image already marked (utils.mark_objects draws labels in order, so this
+    equals marking all points at once)."""
+    s["steps"] = len(s["points"]) + 1
+    w, h = s["size"]
+    radius = stop_radius if stop_radius is not None else s["mark_radius"]
+    reason = stop_reason(pred, s["points"], w, h, radius, done_threshold)
+    if reason is None:
+        xy = utils.denormalize_points(pred, w, h)[0]
+        s["marked"] = utils.mark_objects(s["marked"], xy[None], start_index=len(s["points"]) + 1,
+                                         radius=s["mark_radius"])
+        s["points"].append(xy.astype(np.float64))
+        if len(s["points"]) >= max_steps:
+            reason = "max_steps"
+    return reason
+
+
+def _count_result(s, reason, match_radius):
+    """The prediction of a finished counting state, its points in the frame of the image on disk."""
+    rec, pts = s["record"], np.asarray(s["points"], np.float64).reshape(-1, 2)
+    radius = match_radius if match_radius is not None else s["mark_radius"]
+    return {"image": rec.image_id, "object_type": rec.object_type, "gt_count": int(len(rec.points)),
+            "pred_count": int(len(pts)), "stop_reason": reason, "steps": s["steps"],
+            "num_matched": match_points(pts, s["gt"], radius), "points": _to_original_frame(pts, rec, s["size"])}
+
+
 @torch.no_grad()
 def count_records(model, processor, records, *, ordering=None, min_pixels=None, max_pixels=None, batch_size=8,
                   stop_radius=None, max_steps=None, match_radius=None, train_mean_count=None,
@@ -154,9 +190,7 @@ def count_records(model, processor, records, *, ordering=None, min_pixels=None, 
     """Count the objects of each record one at a time: {"metrics": {...}, "predictions": [one dict per record]}.
 
     Up to batch_size images advance together, one forward pass per step; an image that stops leaves the batch and
-    the next record takes its place. Each image is loaded and resized once (dataset.prepare_image, as in training);
-    a step only pastes the new label onto the image already marked (utils.mark_objects draws labels in order, so this
-    equals marking all points at once). Distances (stop_radius, match_radius) are pixels of the model-input frame;
+    the next record takes its place. Distances (stop_radius, match_radius) are pixels of the model-input frame;
     None = the image's mark radius (utils.mark_radius: a prediction on a drawn label repeats a counted object).
     ordering/min_pixels/max_pixels None = the model's training config. Reported points are in the original frame.
     """
@@ -174,54 +208,28 @@ def count_records(model, processor, records, *, ordering=None, min_pixels=None, 
 
     def admit():
         nonlocal skipped
-        while len(active) < batch_size:
-            nxt = next(queue, None)
-            if nxt is None:
-                return
+        while len(active) < batch_size and (nxt := next(queue, None)) is not None:
             i, rec = nxt
             try:
-                image, gt = data.prepare_image(rec, min_pixels, max_pixels)
+                active.append(_start_counting(i, rec, min_pixels, max_pixels))
             except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for missing/corrupt/truncated files
                 warnings.warn(f"{rec.image_path or rec.image_id}: unreadable image ({e}); not evaluated")
                 skipped += 1
                 bar.update(1)
-                continue
-            w, h = image.size
-            active.append({"i": i, "record": rec, "marked": image, "size": (w, h), "gt": gt, "points": [],
-                           "mark_radius": utils.mark_radius(w, h)})
-
-    def finish(s, reason):
-        rec, pts = s["record"], np.asarray(s["points"], np.float64).reshape(-1, 2)
-        radius = match_radius if match_radius is not None else s["mark_radius"]
-        results[s["i"]] = {"image": rec.image_id, "object_type": rec.object_type, "gt_count": int(len(rec.points)),
-                           "pred_count": int(len(pts)), "stop_reason": reason, "steps": s["steps"],
-                           "num_matched": match_points(pts, s["gt"], radius),
-                           "points": _to_original_frame(pts, rec, s["size"])}
-        bar.update(1)
 
     try:
         admit()
         while active:
-            texts = [mvr.render_prompt(processor, s["record"].object_type, len(s["points"]), ordering) for s in active]
-            batch = processor(text=texts, images=[s["marked"] for s in active], padding=True, return_tensors="pt")
-            batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
-            pred = model(**batch).float().cpu().numpy()
+            batch = encode_batch(processor, [s["marked"] for s in active], [s["record"].object_type for s in active],
+                                 [len(s["points"]) for s in active], ordering)
+            pred = model(**{k: v.to(device) for k, v in batch.items()}).float().cpu().numpy()
             forwards += len(active)
             still = []
             for s, p in zip(active, pred):
-                s["steps"] = len(s["points"]) + 1
-                w, h = s["size"]
-                radius = stop_radius if stop_radius is not None else s["mark_radius"]
-                reason = stop_reason(p, s["points"], w, h, radius, done_threshold)
-                if reason is None:
-                    xy = utils.denormalize_points(p, w, h)[0]
-                    s["marked"] = utils.mark_objects(s["marked"], xy[None], start_index=len(s["points"]) + 1,
-                                                     radius=s["mark_radius"])
-                    s["points"].append(xy.astype(np.float64))
-                    if len(s["points"]) >= max_steps:
-                        reason = "max_steps"
+                reason = _count_step(s, p, stop_radius, done_threshold, max_steps)
                 if reason:
-                    finish(s, reason)
+                    results[s["i"]] = _count_result(s, reason, match_radius)
+                    bar.update(1)
                 else:
                     still.append(s)
             active[:] = still
@@ -323,7 +331,7 @@ def next_point_visualisation(record, prediction, min_pixels, max_pixels, orderin
     image, gt = data.prepare_image(record, min_pixels, max_pixels)
     w0, h0 = _original_size(record)
     scale = np.array([image.width / w0, image.height / h0])
-    marked = utils.mark_objects(image, gt[data.order_points(gt, ordering)][: prediction["num_marked"]])
+    marked = utils.mark_objects(image, gt[utils.order_points(gt, ordering)][: prediction["num_marked"]])
     drawn = utils.draw_prediction(marked, np.array(prediction["pred"]) * scale, np.array(prediction["target"]) * scale)
     return utils.add_caption(utils.side_by_side(marked, drawn),
                              f"{record.image_id} | {record.object_type}: {prediction['num_marked']} marked, error "
@@ -376,13 +384,16 @@ def checkpoint_defaults(ckpt, run_dir, dataset=None):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # ---- Checkpoint and data
     p.add_argument("--checkpoint", required=True, help="checkpoints/best|last, a step-N folder, or a run dir")
     p.add_argument("--split", default="test", help="split to evaluate (val/valid, test, train)")
     p.add_argument("--train_split", default="train", help="split whose mean count is the baseline")
-    p.add_argument("--output_dir", default=None, help="default: <run dir>/eval/<dataset>-<split>[-next_point]")
+    p.add_argument("--num_images", type=int, default=0, help="evaluate the split's first N records; 0 = all")
+    p.add_argument("--seed", type=int, default=42, help="synthetic data seed (default: the run's); next_point's k")
+    data.add_data_args(p)
+    # ---- Counting
     p.add_argument("--mode", default="count", choices=("count", "next_point"),
                    help="count: sequential counting; next_point: teacher-forced next-point error")
-    p.add_argument("--num_images", type=int, default=0, help="evaluate the split's first N records; 0 = all")
     p.add_argument("--batch_size", type=int, default=8, help="images advancing together")
     p.add_argument("--stop_radius", type=float, default=None,
                    help="stop when a prediction is this close (model-input px) to a marked object; default: the "
@@ -395,12 +406,13 @@ def parse_args(argv=None):
     p.add_argument("--match_radius", type=float, default=None,
                    help="a predicted point within this many model-input px of an object localises it; default: the "
                         "mark radius")
-    p.add_argument("--num_vis", type=int, default=8, help="visualisations written for the first N records")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--seed", type=int, default=42, help="synthetic data seed (default: the run's); next_point's k")
-    p.add_argument("--wandb_mode", default="disabled", choices=("online", "offline", "disabled"))
-    p.add_argument("--wandb_project", default="vlm-sequential-counting")
-    data.add_data_args(p)
+    # ---- Outputs
+    p.add_argument("--output_dir", default=None, help="default: <run dir>/eval/<dataset>-<split>[-next_point]")
+    p.add_argument("--num_vis", type=int, default=8, help="visualisations written for the first N records")
+    p.add_argument("--wandb_mode", default="disabled", choices=("online", "offline", "disabled"),
+                   help="log the metrics and visualisations to W&B")
+    p.add_argument("--wandb_project", default="vlm-sequential-counting", help="W&B project")
     p.set_defaults(dataset=None)  # None = not given: the run's dataset
     first, _ = p.parse_known_args(argv)
     ckpt, run_dir = resolve_checkpoint(first.checkpoint)

@@ -6,266 +6,32 @@ Qwen3-VL + LoRA + two regression heads that read the hidden states of the prompt
     python model_vlm_regression.py --model_name tiny --smoke                        # one forward/backward pass
 
 --model_name is a hub id, a local folder, or `tiny`: a random-init Qwen3-VL built offline in seconds (see
-build_tiny_model) that exercises the same code path as the real model.
+tiny_model.py) that exercises the same code path as the real model. The prompt and its <x>/<y> tokens: prompt.py.
 """
 
-import functools
 import json
 import os
-import shutil
-import tempfile
-
 import warnings
 
-import inflect
 import torch
 import torch.nn as nn
+
+from prompt import X_TOKEN, Y_TOKEN, encode_batch
+from tiny_model import load_architecture_config, resolve_model_name
 
 # peft still calls the deprecated spelling; the warning says nothing a user can act on
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
-X_TOKEN, Y_TOKEN = "<x>", "<y>"
 DEFAULT_MODEL = "Qwen/Qwen3-VL-4B-Thinking"
-
-# Rule 3 of the prompt must state the order the targets were produced in (dataset.order_points).
-ORDERING_RULES = {
-    "reading_order": "Count systematically from top-to-bottom, left-to-right",
-    "left_to_right": "Count systematically from left-to-right, top-to-bottom",
-    "nearest_neighbor": "Count systematically from the top-left object, always moving to the nearest unmarked object",
-}
-
-# -----------------------------------------------------------------------------
-# The prompt (one source of truth: dataset collate, training and evaluation all call build_messages)
-
-
-@functools.lru_cache(maxsize=4096)
-def object_names(object_type):
-    """(singular, plural) of an object type name given in either form: 'eggs' -> ('egg', 'eggs')."""
-    engine = _inflect_engine()
-    # angle brackets would let a name spell a special token ("<y>", "<|im_end|>") and corrupt the prompt
-    name = " ".join(object_type.replace("<", " ").replace(">", " ").split())
-    singular = engine.singular_noun(name)
-    # singular_noun returns False for a word already singular; a round trip guards against 'bus' -> 'bu'
-    if singular and engine.plural_noun(singular) == name and not name.endswith(("ss", "us")):
-        return singular, name
-    return name, engine.plural_noun(name)
-
-
-@functools.lru_cache(maxsize=1)
-def _inflect_engine():
-    return inflect.engine()
-
-
-def prompt_text(object_type, num_marked, ordering="reading_order"):
-    """(system text, user text after the image) of the counting prompt."""
-    singular, plural = object_names(object_type)
-    marked = f"{num_marked} object is" if num_marked == 1 else f"{num_marked} objects are"
-    system = f"You are a vision assistant that locates {plural} in images systematically."
-    user = (
-        f"Count the {plural} in this image. {marked} already marked with numbered labels.\n\n"
-        f"Task: Predict the (x, y) location of the next unmarked {singular}.\n\n"
-        "Rules:\n"
-        "1. Output x, y as normalized coordinates in [-1, 1]\n"
-        f"2. If all {plural} are marked, output x=-1, y=-1\n"
-        f"3. {ORDERING_RULES[ordering]}\n\n"
-        f"Next location: {X_TOKEN} {Y_TOKEN}"
-    )
-    return system, user
-
-
-def build_messages(object_type, num_marked, ordering="reading_order"):
-    """Chat messages for one sample; the image itself is passed to the processor separately."""
-    system, user = prompt_text(object_type, num_marked, ordering)
-    return [
-        {"role": "system", "content": [{"type": "text", "text": system}]},
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user}]},
-    ]
-
-
-def render_prompt(processor, object_type, num_marked, ordering="reading_order"):
-    """The prompt string as the model's chat template renders it (image placeholder included).
-    No generation prompt: the heads read <x>/<y>, and under causal attention nothing after them matters."""
-    return processor.apply_chat_template(build_messages(object_type, num_marked, ordering), tokenize=False)
-
-
-# -----------------------------------------------------------------------------
-# The tiny model: a random-init Qwen3-VL with the real architecture's code path, built offline.
-
-# Weight sizes are multiples of 64 (bitsandbytes' 4-bit block). rope_theta is 100, not the 4B's 5e6: with so few, so narrow
-# layers and positions < 300, a theta of 5e6 leaves the rotary angles nearly constant and the model cannot tell
-# where in the image a token is (x barely learns); 100 makes position visible. The architecture is otherwise the 4B's.
-# Four heads rather than two: more distinct attention patterns to start from shortened the plateau before the
-# demo begins to learn (y's loss after 1,500 steps 0.09 with 4 heads, 0.21 with 2; docs/VLM_WORKFLOW.md section 4b).
-TINY_CONFIG = {
-    "model_type": "qwen3_vl",
-    "tie_word_embeddings": True,
-    "text_config": {
-        "model_type": "qwen3_vl_text", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 32, "hidden_act": "silu",
-        "rms_norm_eps": 1e-6, "max_position_embeddings": 4096, "tie_word_embeddings": True,
-        "rope_scaling": {"mrope_interleaved": True, "mrope_section": [6, 5, 5], "rope_type": "default"},
-        "rope_theta": 100.0,
-    },
-    "vision_config": {
-        "model_type": "qwen3_vl_vision", "depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 1,
-        "hidden_act": "gelu_pytorch_tanh", "patch_size": 16, "temporal_patch_size": 2, "spatial_merge_size": 2,
-        "out_hidden_size": 128, "num_position_embeddings": 256, "deepstack_visual_indexes": [0, 1],
-    },
-}
-TINY_VERSION = "v3"  # bump when the tiny model's recipe changes, so caches are rebuilt rather than reused
-
-# The random weights' scale. Hugging Face's std of 0.02 suits a model about to be pretrained, not one that is only
-# LoRA-tuned: at width 128 every layer then adds almost nothing to the residual stream, attention is uniform over
-# the ~180 tokens, and the hidden state at <x> carries no linear trace of where the objects are (probe R^2 ~0); the
-# demo stayed at its baseline. std 0.3 for every matrix, ViT included, with the ViT's position embedding at std 1
-# made it learn; the same with the ViT left at 0.02, or with fan-in scaling, did not (docs/VLM_WORKFLOW.md 4b).
-TINY_INIT_STD = 0.3
-TINY_POS_EMBED_STD = 1.0
-
-# Special tokens of the real Qwen3-VL tokenizer (same strings, so the chat template and processor behave the same).
-QWEN_SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
-    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
-    "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
-    "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>",
-    "<think>", "</think>",
-]
-
-# A Qwen-style chat template: images become <|vision_start|><|image_pad|><|vision_end|>, which the processor expands.
-TINY_CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['content'] is string %}{{- message['content'] }}"
-    "{%- else %}{%- for item in message['content'] %}"
-    "{%- if item['type'] == 'image' or 'image' in item %}{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
-    "{%- elif item['type'] == 'video' or 'video' in item %}{{- '<|vision_start|><|video_pad|><|vision_end|>' }}"
-    "{%- elif item['type'] == 'text' %}{{- item['text'] }}{%- endif %}"
-    "{%- endfor %}{%- endif %}"
-    "{{- '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}"
-)
-
-
-def _tiny_corpus():
-    """Text the tiny tokenizer is trained on: prompts for many object names, so prompts tokenize compactly."""
-    names = ["eggs", "apples", "bottles", "people", "cars", "sheep", "sea shells", "strawberries", "birds", "boxes",
-             "red circles", "blue squares", "green triangles", "yellow stars", "purple diamonds", "orange crosses",
-             "cups", "bananas", "oranges", "cans", "trees", "windows", "geese", "fish", "books", "coins", "cells"]
-    lines = []
-    for name in names:
-        for k in (0, 1, 2, 5, 13, 120):
-            for ordering in ORDERING_RULES:
-                system, user = prompt_text(name, k, ordering)
-                lines += [system, user]
-    return lines + [" ".join(str(i) for i in range(1000)), "0123456789 .,:;!?()[]{}<>-+=*/'\""]
-
-
-def build_tiny_model(out_dir):
-    """Write a tiny random-init Qwen3-VL (config, safetensors weights, tokenizer, processor) to out_dir."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import (Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen3VLConfig,
-                              Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor)
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=1024, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<|endoftext|>"], show_progress=False)
-    bpe.train_from_iterator(_tiny_corpus(), trainer)
-    spec = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in spec["merges"]]
-    tokenizer = Qwen2Tokenizer(vocab=spec["vocab"], merges=merges, errors="replace",
-                               extra_special_tokens=QWEN_SPECIAL_TOKENS[1:], model_max_length=32768)
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
-    image_processor = Qwen2VLImageProcessor(patch_size=16, temporal_patch_size=2, merge_size=2,
-                                            image_mean=[0.5] * 3, image_std=[0.5] * 3,
-                                            size={"shortest_edge": 32 * 32 * 4, "longest_edge": 640 * 640})
-    video_processor = Qwen3VLVideoProcessor(patch_size=16, temporal_patch_size=2, merge_size=2,
-                                            image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                 video_processor=video_processor, chat_template=TINY_CHAT_TEMPLATE)
-
-    ids = tokenizer.convert_tokens_to_ids
-    cfg = json.loads(json.dumps(TINY_CONFIG))
-    # Like Qwen's checkpoints, the embedding matrix has spare rows beyond the tokenizer (padded to a multiple of 256).
-    cfg["text_config"]["vocab_size"] = ((len(tokenizer) + 64) // 256 + 1) * 256
-    cfg["text_config"].update(bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"))
-    cfg.update(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-               vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
-    # The same weights on every machine (a checkpoint's adapter only fits the base it was trained on), drawn from a
-    # forked RNG: a run that builds the cache must then draw its LoRA init and dropout exactly like one that finds it.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**cfg)).eval()
-    rescale_random_init(model, TINY_INIT_STD, TINY_POS_EMBED_STD)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-
-
-@torch.no_grad()
-def rescale_random_init(model, std, pos_embed_std, seed=0):
-    """Redraw every Linear/Conv3d weight and embedding with `std` (biases 0; norms untouched) and the ViT's position
-    embedding with `pos_embed_std`. Tied embedding/lm_head weights are one tensor, drawn once per module visited."""
-    g = torch.Generator().manual_seed(seed)
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv3d)):
-            module.weight.normal_(0, std, generator=g)
-            if module.bias is not None:
-                module.bias.zero_()
-        elif isinstance(module, nn.Embedding) and "pos_embed" not in name:
-            module.weight.normal_(0, std, generator=g)
-    model.model.visual.pos_embed.weight.normal_(0, pos_embed_std, generator=g)
-
-
-def cache_dir():
-    return os.environ.get("VLM_REGRESSION_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vlm_regression")
-
-
-def build_once(path, build):
-    """`path`, made by build(temp_folder) on first use and renamed into place, so parallel jobs can race safely."""
-    if not os.path.exists(os.path.join(path, "config.json")):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".build-", dir=os.path.dirname(path))
-        build(tmp)
-        try:
-            os.rename(tmp, path)
-        except OSError:  # another process finished first; theirs is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
-def tiny_model_dir():
-    """The cached tiny model's folder, built on first use."""
-    return build_once(os.path.join(cache_dir(), f"tiny-qwen3-vl-{TINY_VERSION}"), build_tiny_model)
-
-
-def resolve_model_name(model_name):
-    return tiny_model_dir() if model_name == "tiny" else model_name
-
-
-def random_weights_dir(model_name):
-    """A folder holding `model_name`'s architecture with random weights (for benchmarks without a download), with
-    its own processor if the hub cache has it, else the tiny one (the token ids are set to match). Cached."""
-    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
-
-    def build(out_dir):
-        config = load_architecture_config(model_name)
-        try:
-            processor = AutoProcessor.from_pretrained(resolve_model_name(model_name), local_files_only=True)
-        except OSError:
-            processor = AutoProcessor.from_pretrained(tiny_model_dir())
-        ids = processor.tokenizer.convert_tokens_to_ids
-        config.image_token_id, config.video_token_id = ids("<|image_pad|>"), ids("<|video_pad|>")
-        config.vision_start_token_id, config.vision_end_token_id = ids("<|vision_start|>"), ids("<|vision_end|>")
-        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG as it was (see build_tiny_model)
-            torch.manual_seed(0)
-            model = Qwen3VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
-        model.save_pretrained(out_dir)
-        processor.save_pretrained(out_dir)
-
-    return build_once(os.path.join(cache_dir(), "random-" + model_name.replace("/", "--")), build)
-
+# The model's defaults, defined here only: build_model, summarize, the CLIs and the benchmarks take them from here.
+# They are the original code's values; the sweep (docs/HPARAM_SEARCH_README.md) varies r, alpha and the MLP depth.
+LORA_R = 16
+LORA_ALPHA = 32  # LoRA's scale is alpha / r = 2
+LORA_DROPOUT = 0.05
+MLP_LAYERS = 3  # Linear+GELU blocks per head
+HEAD_HIDDEN_DIM = 512  # width of the heads' hidden layers (not the attention head_dim of the model's config)
+# regression_config.json keys renamed since; a checkpoint saved before the rename still loads
+RENAMED_CONFIG_KEYS = {"head_dim": "head_hidden_dim"}
 
 # -----------------------------------------------------------------------------
 # Loading the processor and the base model
@@ -297,13 +63,11 @@ def coordinate_token_ids(processor):
 
 
 def default_dtype(device):
-
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
 def attention_implementation(device):
     import importlib.util
-
 
     cuda = torch.device(device).type == "cuda"
     return "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "sdpa"
@@ -354,14 +118,14 @@ def init_token_rows(model, token_ids):
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
-def lora_config(r=16, alpha=32, dropout=0.05, token_ids=()):
+def lora_config(r=LORA_R, alpha=LORA_ALPHA, dropout=LORA_DROPOUT, token_ids=()):
     from peft import LoraConfig
 
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS, bias="none",
                       trainable_token_indices={"embed_tokens": list(token_ids)} if token_ids else None)
 
 
-def make_head(in_dim, hidden_dim=512, num_layers=3):
+def make_head(in_dim, hidden_dim=HEAD_HIDDEN_DIM, num_layers=MLP_LAYERS):
     """LayerNorm, `num_layers` Linear+GELU blocks, Linear to 1, tanh. The LayerNorm makes the head's input scale
     independent of the backbone (the 4B's final-norm outputs are far from unit scale); the last Linear starts
     near zero so early predictions sit mid-range instead of at the tanh bounds, where gradients vanish."""
@@ -395,20 +159,19 @@ def param_group(name):
 class VLMRegressionModel(nn.Module):
     """A peft-wrapped Qwen3-VL plus two fp32 heads; forward(**batch) -> (B, 2) predictions in [-1, 1]."""
 
-    def __init__(self, vlm, x_token_id, y_token_id, mlp_layers=3, head_dim=512, config=None):
+    def __init__(self, vlm, x_token_id, y_token_id, mlp_layers=MLP_LAYERS, head_hidden_dim=HEAD_HIDDEN_DIM,
+                 config=None):
         super().__init__()
         self.vlm = vlm
         hidden = vlm.get_base_model().config.text_config.hidden_size
-        self.x_head = make_head(hidden, head_dim, mlp_layers).float()
-        self.y_head = make_head(hidden, head_dim, mlp_layers).float()
+        self.x_head = make_head(hidden, head_hidden_dim, mlp_layers).float()
+        self.y_head = make_head(hidden, head_hidden_dim, mlp_layers).float()
         self.x_token_id, self.y_token_id = x_token_id, y_token_id
-        self.config = dict(config or {}, mlp_layers=mlp_layers, head_dim=head_dim, hidden_size=hidden,
+        self.config = dict(config or {}, mlp_layers=mlp_layers, head_hidden_dim=head_hidden_dim, hidden_size=hidden,
                            x_token_id=x_token_id, y_token_id=y_token_id)
 
     def token_positions(self, input_ids):
         """Index of <x> and <y> in each row; a row without exactly one of each is an error, not a silent guess."""
-        import torch
-
         for name, tid in (("<x>", self.x_token_id), ("<y>", self.y_token_id)):
             counts = (input_ids == tid).sum(1)
             bad = (counts != 1).nonzero().flatten().tolist()
@@ -467,6 +230,9 @@ class VLMRegressionModel(nn.Module):
 
         with open(os.path.join(path, "regression_config.json")) as f:
             cfg = json.load(f)
+        for old, new in RENAMED_CONFIG_KEYS.items():
+            if old in cfg:
+                cfg[new] = cfg.pop(old)
         processor = AutoProcessor.from_pretrained(os.path.join(path, "processor"))
         processor.tokenizer.padding_side = "right"
         load_in_4bit = cfg.get("load_in_4bit", False) if load_in_4bit is None else load_in_4bit
@@ -475,7 +241,8 @@ class VLMRegressionModel(nn.Module):
         ensure_token_rows(base, ids)
         vlm = PeftModel.from_pretrained(base, os.path.join(path, "adapter"), is_trainable=is_trainable)
         cfg.pop("versions", None)
-        model = cls(vlm, cfg.pop("x_token_id"), cfg.pop("y_token_id"), cfg.pop("mlp_layers"), cfg.pop("head_dim"), cfg)
+        model = cls(vlm, cfg.pop("x_token_id"), cfg.pop("y_token_id"), cfg.pop("mlp_layers"),
+                    cfg.pop("head_hidden_dim"), cfg)
         model.load_heads(path)
         if load_in_4bit:  # the quantized base is already placed by its device_map; only the heads move
             model.x_head.to(device)
@@ -485,9 +252,9 @@ class VLMRegressionModel(nn.Module):
         return model, processor
 
 
-def build_model(model_name=DEFAULT_MODEL, lora_r=16, lora_alpha=32, lora_dropout=0.05, mlp_layers=3, head_dim=512,
-                device="cpu", dtype=None, load_in_4bit=False, gradient_checkpointing=False, min_pixels=None,
-                max_pixels=None):
+def build_model(model_name=DEFAULT_MODEL, lora_r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT,
+                mlp_layers=MLP_LAYERS, head_hidden_dim=HEAD_HIDDEN_DIM, device="cpu", dtype=None, load_in_4bit=False,
+                gradient_checkpointing=False, min_pixels=None, max_pixels=None):
     """(VLMRegressionModel, processor) ready to train: base model, <x>/<y> tokens, LoRA, heads."""
     from peft import get_peft_model
 
@@ -503,7 +270,7 @@ def build_model(model_name=DEFAULT_MODEL, lora_r=16, lora_alpha=32, lora_dropout
     vlm = get_peft_model(base, lora_config(lora_r, lora_alpha, lora_dropout, ids))
     config = dict(base_model=model_name, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                   load_in_4bit=load_in_4bit, min_pixels=min_pixels, max_pixels=max_pixels)
-    model = VLMRegressionModel(vlm, ids[0], ids[1], mlp_layers, head_dim, config)
+    model = VLMRegressionModel(vlm, ids[0], ids[1], mlp_layers, head_hidden_dim, config)
     model.x_head.to(device)
     model.y_head.to(device)
     return model, processor
@@ -524,30 +291,8 @@ def library_versions():
 # -----------------------------------------------------------------------------
 # Summary: parameter counts and a memory estimate, from the architecture alone (meta device, no weights)
 
-BUNDLED_CONFIGS = {  # published config.json of models whose architecture we can describe without the hub
-    "Qwen/Qwen3-VL-4B-Thinking": "qwen3_vl_4b.json",
-    "Qwen/Qwen3-VL-4B-Instruct": "qwen3_vl_4b.json",
-}
-
-
-def load_architecture_config(model_name):
-    """Qwen3VLConfig: from a folder / `tiny`, the local HF cache, or a bundled copy of the public config."""
-    from transformers import AutoConfig, Qwen3VLConfig
-
-    name = resolve_model_name(model_name)
-    if os.path.isdir(name):
-        return AutoConfig.from_pretrained(name)
-    try:
-        return AutoConfig.from_pretrained(name, local_files_only=True)
-    except OSError:
-        if name not in BUNDLED_CONFIGS:
-            return AutoConfig.from_pretrained(name)  # needs the hub
-        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", BUNDLED_CONFIGS[name])) as f:
-            return Qwen3VLConfig(**json.load(f))
-
-
-def summarize(model_name=DEFAULT_MODEL, lora_r=16, lora_alpha=32, mlp_layers=3, head_dim=512, batch_size=4,
-              tokens_per_sample=350):
+def summarize(model_name=DEFAULT_MODEL, lora_r=LORA_R, lora_alpha=LORA_ALPHA, mlp_layers=MLP_LAYERS,
+              head_hidden_dim=HEAD_HIDDEN_DIM, batch_size=4, tokens_per_sample=350):
     """Parameter counts of the architecture (built on the meta device) and a training-memory estimate."""
     from peft import get_peft_model
     from transformers import Qwen3VLForConditionalGeneration
@@ -562,7 +307,7 @@ def summarize(model_name=DEFAULT_MODEL, lora_r=16, lora_alpha=32, mlp_layers=3, 
         quantizable = sum(m.weight.numel() for n, m in base.model.language_model.named_modules()
                           if isinstance(m, nn.Linear))
         vlm = get_peft_model(base, lora_config(lora_r, lora_alpha, 0.0, token_ids=[0, 1]))
-        heads = sum(p.numel() for p in make_head(text.hidden_size, head_dim, mlp_layers).parameters()) * 2
+        heads = sum(p.numel() for p in make_head(text.hidden_size, head_hidden_dim, mlp_layers).parameters()) * 2
     lora = sum(p.numel() for n, p in vlm.named_parameters() if "lora_" in n)
     token_rows = 2 * text.hidden_size
     trainable = lora + heads + token_rows
@@ -604,37 +349,48 @@ def print_summary(s):
         print(f"  {key:<28} {mem[key]:>7.2f} GiB")
 
 
-def smoke(model_name="tiny"):
+def smoke(model_name="tiny", **model_kwargs):
     """One forward + backward pass on a random image: the install works end to end."""
     from PIL import Image
 
-    model, processor = build_model(model_name)
+    model, processor = build_model(model_name, **model_kwargs)
     image = Image.fromarray(torch.randint(0, 255, (224, 224, 3), dtype=torch.uint8).numpy())
-    batch = processor(text=[render_prompt(processor, "eggs", 0)], images=[image], return_tensors="pt")
-    pred = model(**batch)
+    pred = model(**encode_batch(processor, [image], ["eggs"], [0]))
     loss = regression_loss(pred, torch.zeros_like(pred))[0]
     loss.backward()
     print(f"smoke ok: prediction {pred.detach().numpy().round(4).tolist()}, loss {loss.item():.4f}")
+
+
+def add_model_args(parser):
+    """The model's arguments (training and this file's CLI); returns their group, for a caller's own additions."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--model_name", default=DEFAULT_MODEL, help="hub id, local folder, or `tiny`")
+    g.add_argument("--lora_r", type=int, default=LORA_R, help="LoRA rank")
+    g.add_argument("--lora_alpha", type=int, default=LORA_ALPHA, help="LoRA alpha (scale alpha/r)")
+    g.add_argument("--lora_dropout", type=float, default=LORA_DROPOUT, help="dropout on LoRA's input (training)")
+    g.add_argument("--mlp_layers", type=int, default=MLP_LAYERS, choices=[2, 3, 4], help="Linear+GELU blocks per head")
+    g.add_argument("--head_hidden_dim", "--head_dim", dest="head_hidden_dim", type=int, default=HEAD_HIDDEN_DIM,
+                   help="width of the heads' hidden layers (--head_dim: its old name)")
+    return g
 
 
 def main(argv=None):
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_name", default=DEFAULT_MODEL, help="hub id, local folder, or `tiny`")
-    p.add_argument("--lora_r", type=int, default=16, help="LoRA rank")
-    p.add_argument("--lora_alpha", type=int, default=32, help="LoRA alpha (scale alpha/r)")
-    p.add_argument("--mlp_layers", type=int, default=3, choices=[2, 3, 4], help="Linear+GELU blocks per head")
-    p.add_argument("--head_dim", type=int, default=512, help="width of the heads' hidden layers")
+    # ---- Model
+    add_model_args(p)
+    # ---- What to do
     p.add_argument("--summary", action="store_true", help="print parameter counts and a memory estimate")
     p.add_argument("--json", action="store_true", help="with --summary: print JSON")
     p.add_argument("--smoke", action="store_true", help="run one forward/backward pass")
     args = p.parse_args(argv)
     if args.summary:
-        s = summarize(args.model_name, args.lora_r, args.lora_alpha, args.mlp_layers, args.head_dim)
+        s = summarize(args.model_name, args.lora_r, args.lora_alpha, args.mlp_layers, args.head_hidden_dim)
         print(json.dumps(s, indent=2)) if args.json else print_summary(s)
     if args.smoke or not args.summary:
-        smoke(args.model_name)
+        smoke(args.model_name, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+              mlp_layers=args.mlp_layers, head_hidden_dim=args.head_hidden_dim)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """
-Geometry and drawing helpers shared by the data pipeline, training and evaluation. numpy in, numpy out.
+Geometry and drawing helpers shared by the data pipeline, training and evaluation (numpy in, numpy out): coordinates,
+the counting order, numbered marks, visualisation; and the file helpers (atomic writes, DataError).
 
 Coordinate convention (used everywhere in this repo)
 ----------------------------------------------------
@@ -37,6 +38,74 @@ def denormalize_points(points, width, height):
     p = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     scale = np.array([width / 2.0, height / 2.0])
     return ((p + 1.0) * scale).astype(np.float32)
+
+
+# -----------------------------------------------------------------------------
+# counting order (the prompt's rule 3 states it: prompt.ORDERING_RULES)
+
+ORDERINGS = ("reading_order", "left_to_right", "nearest_neighbor")
+
+
+def order_points(points, strategy="reading_order"):
+    """Permutation (int64 indices) that puts the points (N, 2) in counting order.
+
+    reading_order: rows top-to-bottom, left-to-right inside a row. A row starts at the topmost point not yet placed
+        and takes every remaining point whose y is within `band` below it; band = 0.5 x the median nearest-neighbour
+        distance, so the rows follow the objects' own spacing (tiny dense objects -> thin rows, large sparse ones ->
+        tall rows) instead of a fixed pixel band. On a grid with jitter under ~25% of the spacing this recovers the
+        grid's rows exactly.
+    left_to_right: by x, then y.
+    nearest_neighbor: greedy path from the top-left-most point (smallest x + y), always to the nearest unvisited one.
+    Ties always break by y, then x, then input index, so the result is deterministic.
+    """
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    n = len(pts)
+    if strategy not in ORDERINGS:
+        raise ValueError(f"unknown ordering {strategy!r}; choose from {ORDERINGS}")
+    if n <= 1:
+        return np.arange(n, dtype=np.int64)
+    x, y = pts[:, 0], pts[:, 1]
+    idx = np.arange(n)
+    if strategy == "left_to_right":
+        return np.lexsort((idx, y, x)).astype(np.int64)
+    by_y = np.lexsort((idx, x, y))  # the tie-break order for everything below
+    if strategy == "reading_order":
+        band = 0.5 * _median_nn_distance(pts)
+        ys = y[by_y]
+        row = np.empty(n, dtype=np.int64)
+        start, r = 0, 0
+        while start < n:  # one iteration per row, each a binary search: cheap even for 3,731 points
+            end = int(np.searchsorted(ys, ys[start] + band, side="right"))
+            row[start:end] = r
+            start, r = end, r + 1
+        return by_y[np.lexsort((np.arange(n), x[by_y], row))].astype(np.int64)
+    # nearest_neighbor: O(n^2) but each step is one vectorised pass over a shrinking candidate set
+    p = pts[by_y]
+    s = p[:, 0] + p[:, 1]
+    cur = int(np.argmin(s))  # first minimum = topmost among equals
+    remaining = np.ones(n, dtype=bool)
+    remaining[cur] = False
+    cand = np.flatnonzero(remaining)  # kept sorted, so argmin ties go to the top-most, then left-most point
+    out = np.empty(n, dtype=np.int64)
+    out[0] = cur
+    px, py = p[:, 0].copy(), p[:, 1].copy()
+    for step in range(1, n):
+        cx, cy = px[cand], py[cand]
+        d = (cx - px[cur]) ** 2 + (cy - py[cur]) ** 2
+        j = int(np.argmin(d))
+        cur = int(cand[j])
+        out[step] = cur
+        cand = np.delete(cand, j)
+    return by_y[out].astype(np.int64)
+
+
+def _median_nn_distance(pts):
+    from scipy.spatial import cKDTree
+
+    d, _ = cKDTree(pts).query(pts, k=2)
+    nn = d[:, 1]
+    nn = nn[nn > 0]  # duplicated points would make the band zero
+    return float(np.median(nn)) if len(nn) else 1.0
 
 
 # -----------------------------------------------------------------------------
@@ -194,6 +263,10 @@ def add_caption(image, text, font_size=None):
 
 # -----------------------------------------------------------------------------
 # files
+
+
+class DataError(ValueError):
+    """Bad data on disk or bad data arguments; the message is one line naming the file/folder and the problem."""
 
 
 def replace_atomic(path, write):

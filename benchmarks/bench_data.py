@@ -82,9 +82,9 @@ def main():
     for n in (100, 1000, 3731):
         pts = rng.uniform(0, [w, h], (n, 2))
         results["ordering"][n] = {}
-        for s in dataset.ORDERINGS:
-            dataset.order_points(pts, s)  # imports (scipy) out of the timing
-            best, med = best_ms(lambda: dataset.order_points(pts, s), max(3, args.repeat // 2))
+        for s in utils.ORDERINGS:
+            utils.order_points(pts, s)  # imports (scipy) out of the timing
+            best, med = best_ms(lambda: utils.order_points(pts, s), max(3, args.repeat // 2))
             results["ordering"][n][s] = round(med, 2)
     if args.json:
         print(json.dumps(results))
@@ -96,9 +96,9 @@ def main():
         m, s = results["marking"][k], results["sample"][k]
         print(f"{k:>6} {m['cold_ms']:>10.2f} {m['median_ms']:>10.2f} {s['median_ms']:>10.2f}")
     print("\norder_points (median ms)")
-    print(f"{'n':>6} " + " ".join(f"{s:>17}" for s in dataset.ORDERINGS))
+    print(f"{'n':>6} " + " ".join(f"{s:>17}" for s in utils.ORDERINGS))
     for n, row in results["ordering"].items():
-        print(f"{n:>6} " + " ".join(f"{row[s]:>17.2f}" for s in dataset.ORDERINGS))
+        print(f"{n:>6} " + " ".join(f"{row[s]:>17.2f}" for s in utils.ORDERINGS))
 
 
 if __name__ == "__main__":

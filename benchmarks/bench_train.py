@@ -8,8 +8,8 @@ backward, clipping, AdamW, scheduler) against a bare forward+backward of the sam
     python benchmarks/bench_train.py --model_name Qwen/Qwen3-VL-4B-Thinking --random_weights --load_in_4bit
 
 --random_weights builds the architecture from its config (bundled for the 4B) with random weights, so no download
-is needed; speed and memory are those of the real model. Data: the synthetic set at --image_size (384 x 576 by
-default for the 4B, FSC-147's size). Reports (one JSON line with --json): median full step, median bare
+is needed; speed and memory are those of the real model. Data: the synthetic set at --image_size (square images,
+224 px by default for the tiny model, 512 px for any other). Reports (one JSON line with --json): median full step, median bare
 forward+backward, their ratio (target <= 1.15), the share of the full step spent waiting for data, peak memory.
 """
 
@@ -27,32 +27,38 @@ import torch  # noqa: E402
 
 import dataset as data  # noqa: E402
 import model_vlm_regression as mvr  # noqa: E402
+import train_data  # noqa: E402
 import train_vlm_regression as tr  # noqa: E402
+from synthetic_data import SyntheticConfig  # noqa: E402
+from tiny_model import random_weights_dir  # noqa: E402
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_name", default="tiny")
+    # ---- Model
+    p.add_argument("--model_name", default="tiny", help="hub id, local folder, or `tiny`")
     p.add_argument("--random_weights", action="store_true", help="architecture from config, random weights")
-    p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--steps", type=int, default=20, help="timed steps of each kind")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, kernels, caches)")
+    p.add_argument("--load_in_4bit", action="store_true", help="QLoRA: NF4 language model")
+    p.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for activation memory")
+    # ---- Data
+    p.add_argument("--batch_size", type=int, default=4, help="samples per step")
     p.add_argument("--image_size", type=int, default=None, help="synthetic image side (default 224 tiny, else 512)")
     p.add_argument("--num_workers", type=int, default=None, help="default: as training (4 with CUDA, 0 on CPU)")
-    p.add_argument("--load_in_4bit", action="store_true")
-    p.add_argument("--gradient_checkpointing", action="store_true")
-    p.add_argument("--json", action="store_true")
+    # ---- Timing
+    p.add_argument("--steps", type=int, default=20, help="timed steps of each kind")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, kernels, caches)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.num_workers is None:
-        args.num_workers = min(4, max(0, (os.cpu_count() or 1) - 1)) if device == "cuda" else 0
-    name = mvr.random_weights_dir(args.model_name) if args.random_weights else args.model_name
+        args.num_workers = train_data.default_num_workers()
+    name = random_weights_dir(args.model_name) if args.random_weights else args.model_name
     model, processor = mvr.build_model(name, device=device, load_in_4bit=args.load_in_4bit,
                                        gradient_checkpointing=args.gradient_checkpointing)
     model.train()
     size = args.image_size or (224 if args.model_name == "tiny" else 512)
-    cfg = data.SyntheticConfig(image_size=size, num_train=max(64, args.batch_size * (args.steps + args.warmup)))
+    cfg = SyntheticConfig(image_size=size, num_train=max(64, args.batch_size * (args.steps + args.warmup)))
     records, _ = data.load_records("synthetic", split="train", synthetic=cfg)
     ds = data.CountingDataset(records, seed=0)
     collate = data.make_collate_fn(processor)
@@ -69,12 +75,12 @@ def main(argv=None):
     # full step, exactly the training loop's work per batch
     n = args.steps + args.warmup
     indices = list(range(n * args.batch_size))
-    loader = tr.make_loader(ds, [i % len(ds) for i in indices], args.batch_size, collate, args.num_workers, 0)
+    loader = train_data.make_loader(ds, [i % len(ds) for i in indices], args.batch_size, collate, args.num_workers, 0)
     full, wait = [], []
     t0 = time.perf_counter()
     for i, batch in enumerate(loader):
         t_ready = time.perf_counter()
-        batch = tr.to_device(batch, device)
+        batch = train_data.to_device(batch, device)
         fwd_bwd(batch)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -87,7 +93,7 @@ def main(argv=None):
             wait.append(t_ready - t0)
         t0 = t1
     # bare forward + backward on one fixed batch already on the device
-    batch = tr.to_device(collate([ds[i] for i in range(args.batch_size)]), device)
+    batch = train_data.to_device(collate([ds[i] for i in range(args.batch_size)]), device)
     bare = []
     for i in range(n):
         sync()

@@ -12,8 +12,8 @@ import pytest
 from conftest import ROOT
 
 COMMON = ["--model_name", "tiny", "--dataset", "synthetic", "--synthetic_num_train", "64", "--synthetic_num_val",
-          "16", "--num_workers", "0", "--log_every", "1", "--lora_r", "8", "--head_dim", "64", "--warmup_steps", "2",
-          "--lora_dropout", "0", "--train_iters", "4", "--val_iters", "2", "--num_val_images", "2"]
+          "16", "--num_workers", "0", "--log_every", "1", "--lora_r", "8", "--head_hidden_dim", "64", "--warmup_steps", "2",
+          "--lora_dropout", "0", "--train_batches", "4", "--val_batches", "2", "--num_val_images", "2"]
 TOL = 5e-4  # relative; observed up to 8e-5 over 40 steps: the all-reduce sums gradients in another order
 
 
@@ -42,6 +42,8 @@ def epoch_rows(out):
 
 
 def test_two_processes_match_one_and_write_once(tmp_path):
+    """Two processes at half the batch train what one process trains (to the all-reduce's rounding) and write
+    every file, W&B run and checkpoint once."""
     one, two = tmp_path / "one", tmp_path / "two"
     run([sys.executable], one, "--batch_size", "4", "--epochs", "2", "--wandb_mode", "disabled")
     proc = run(torchrun(), two, "--batch_size", "2", "--epochs", "2", "--wandb_mode", "offline")
@@ -61,6 +63,7 @@ def test_two_processes_match_one_and_write_once(tmp_path):
 
 
 def test_two_process_run_resumes(tmp_path):
+    """A two-process run continues from its checkpoint to the later epoch count."""
     out = tmp_path / "run"
     run(torchrun(), out, "--batch_size", "2", "--epochs", "1", "--wandb_mode", "disabled")
     run(torchrun(), out, "--batch_size", "2", "--epochs", "2", "--wandb_mode", "disabled", "--resume")
@@ -73,7 +76,7 @@ def test_two_processes_with_4bit_and_gradient_checkpointing(tmp_path):
     """QLoRA + non-reentrant checkpointing under DDP: every trainable group gets its gradient (the first-step check
     would stop the run otherwise) and the run completes."""
     out = tmp_path / "run"
-    proc = run(torchrun(), out, "--batch_size", "2", "--epochs", "1", "--train_iters", "3", "--val_iters", "1",
+    proc = run(torchrun(), out, "--batch_size", "2", "--epochs", "1", "--train_batches", "3", "--val_batches", "1",
                "--load_in_4bit", "--gradient_checkpointing", "--wandb_mode", "disabled")
     assert "gradient flow on the first step" in proc.stdout
     res = json.loads((out / "results.json").read_text())

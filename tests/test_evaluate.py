@@ -15,6 +15,7 @@ from PIL import Image
 
 import dataset as data
 import evaluate_vlm_regression as ev
+import model_vlm_regression as mvr
 import utils
 from conftest import ROOT
 from data_fixtures import write_fsc147, write_omnicount
@@ -230,9 +231,9 @@ def trained(tmp_path_factory):
     fsc, omni, run = root / "fsc147", root / "omnicount", root / "run"
     fsc_info, omni_info = write_fsc147(str(fsc)), write_omnicount(str(omni))
     cmd = [sys.executable, str(ROOT / "train_vlm_regression.py"), "--model_name", "tiny", "--dataset", "fsc147",
-           "--data_root", str(fsc), "--output_dir", str(run), "--epochs", "1", "--train_iters", "1", "--val_iters", "1",
+           "--data_root", str(fsc), "--output_dir", str(run), "--epochs", "1", "--train_batches", "1", "--val_batches", "1",
            "--batch_size", "1", "--num_workers", "0", "--wandb_mode", "disabled", "--lora_r", "4", "--lora_alpha", "8",
-           "--mlp_layers", "2", "--head_dim", "64", "--ordering", "left_to_right", "--max_pixels", str(256 * 256)]
+           "--mlp_layers", "2", "--head_hidden_dim", "64", "--ordering", "left_to_right", "--max_pixels", str(256 * 256)]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     return {"run": run, "fsc": fsc, "omni": omni, "fsc_info": fsc_info, "omni_info": omni_info, "root": root}
@@ -303,8 +304,7 @@ def test_cli_omnicount_and_checkpoint_resolution(trained):
 
 
 def test_batched_counting_equals_one_by_one(trained, fixture_records):
-    import model_vlm_regression as mvr
-
+    """Counting images together gives each the points it gets counted alone (right padding, per-image marks)."""
     model, processor = mvr.VLMRegressionModel.from_pretrained(str(trained["run"] / "checkpoints" / "best"))
     kw = dict(max_steps=3, stop_radius=0.0)  # the untrained model would often stop at step 2; run all 3 steps
     batched = ev.count_records(model, processor, fixture_records, batch_size=4, **kw)["predictions"]

@@ -1,4 +1,4 @@
-"""Model core: tokens, LoRA, heads, gradients, save/load, 4-bit, batching, errors, summary."""
+"""Model core: tokens, LoRA, heads, gradients, save/load, 4-bit, batching, errors, summary, the tiny model's cache."""
 import json
 import subprocess
 import sys
@@ -10,6 +10,8 @@ from PIL import Image
 
 import model_vlm_regression as mvr
 from conftest import ROOT
+from prompt import encode_batch
+from tiny_model import tiny_model_dir
 
 
 def random_image(h, w, seed):
@@ -17,45 +19,18 @@ def random_image(h, w, seed):
 
 
 def make_batch(processor, images, names=("eggs", "apple", "sea shells"), ks=(0, 1, 5)):
-    texts = [mvr.render_prompt(processor, names[i % len(names)], ks[i % len(ks)]) for i in range(len(images))]
-    return processor(text=texts, images=images, padding=True, return_tensors="pt")
+    n = len(images)
+    return encode_batch(processor, images, [names[i % len(names)] for i in range(n)], [ks[i % len(ks)] for i in range(n)])
 
 
 @pytest.fixture()
 def tiny_model():
     torch.manual_seed(0)
-    return mvr.build_model("tiny", lora_r=8, lora_alpha=16, mlp_layers=2, head_dim=64)
-
-
-def test_prompt_matches_the_seed_text(tiny_processor):
-    system, user = mvr.prompt_text("eggs", 5)
-    assert system == "You are a vision assistant that locates eggs in images systematically."
-    assert user == (
-        "Count the eggs in this image. 5 objects are already marked with numbered labels.\n\n"
-        "Task: Predict the (x, y) location of the next unmarked egg.\n\n"
-        "Rules:\n1. Output x, y as normalized coordinates in [-1, 1]\n"
-        "2. If all eggs are marked, output x=-1, y=-1\n"
-        "3. Count systematically from top-to-bottom, left-to-right\n\nNext location: <x> <y>")
-    assert "1 object is already marked" in mvr.prompt_text("eggs", 1)[1]
-    assert mvr.object_names("apple") == ("apple", "apples")
-    assert mvr.object_names("people") == ("person", "people")
-    assert mvr.object_names("sea shells") == ("sea shell", "sea shells")
-    assert mvr.object_names("glass") == ("glass", "glasses")
-    rendered = mvr.render_prompt(tiny_processor, "eggs", 5)
-    assert rendered.count("<|image_pad|>") == 1 and user in rendered
-
-
-@pytest.mark.parametrize("ordering", mvr.ORDERING_RULES)
-def test_each_prompt_has_each_coordinate_token_once(tiny_processor, ordering):
-    x_id, y_id = mvr.coordinate_token_ids(tiny_processor)
-    for name, k in [("eggs", 0), ("x-ray films", 1), ("<y> signs", 3), ("people", 120)]:
-        ids = tiny_processor(text=[mvr.render_prompt(tiny_processor, name, k, ordering)],
-                             images=[random_image(64, 64, 0)], return_tensors="pt")["input_ids"][0]
-        # an object name containing "<y>" is text, not the special token: still exactly one of each
-        assert (ids == x_id).sum() == 1 and (ids == y_id).sum() == 1, name
+    return mvr.build_model("tiny", lora_r=8, lora_alpha=16, mlp_layers=2, head_hidden_dim=64)
 
 
 def test_special_tokens_added_without_dropping_qwen_ones(tiny_processor):
+    """<x> and <y> join the tokenizer's special tokens; Qwen's own stay registered."""
     tok = tiny_processor.tokenizer
     specials = set(tok.all_special_tokens)
     for t in ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<x>", "<y>"):
@@ -64,6 +39,7 @@ def test_special_tokens_added_without_dropping_qwen_ones(tiny_processor):
 
 
 def test_embedding_is_never_shrunk(tiny_processor):
+    """The embedding grows to fit <x>/<y> when it must, keeping every old row, and never loses its padded rows."""
     base = mvr.load_base_model("tiny")
     rows = base.get_input_embeddings().weight.shape[0]
     ids = mvr.coordinate_token_ids(tiny_processor)
@@ -79,6 +55,7 @@ def test_embedding_is_never_shrunk(tiny_processor):
 
 
 def test_lora_targets_language_model_only(tiny_model):
+    """LoRA adapts the language model's seven projections; the vision tower stays frozen; the heads are fp32."""
     model, _ = tiny_model
     lora_names = [n for n, _ in model.named_parameters() if "lora_A" in n]
     assert lora_names and all("language_model" in n for n in lora_names)
@@ -89,6 +66,7 @@ def test_lora_targets_language_model_only(tiny_model):
 
 
 def test_gradients_reach_heads_lora_and_token_rows(tiny_model):
+    """Every trainable group (both heads, LoRA A and B, the <x>/<y> rows) receives a gradient."""
     model, processor = tiny_model
     batch = make_batch(processor, [random_image(224, 224, 1), random_image(160, 288, 2)])
     pred = model(**batch)
@@ -109,6 +87,7 @@ def test_gradients_reach_heads_lora_and_token_rows(tiny_model):
 
 
 def test_save_load_round_trip_is_identical(tiny_model, tmp_path):
+    """A trained model saved and loaded back predicts exactly what it predicted before saving."""
     model, processor = tiny_model
     batch = make_batch(processor, [random_image(224, 224, 3), random_image(192, 256, 4)])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -134,6 +113,7 @@ def test_save_load_round_trip_is_identical(tiny_model, tmp_path):
 
 
 def test_batched_equals_one_by_one(tiny_model):
+    """Right padding: a sample's prediction does not depend on the other samples of its batch."""
     model, processor = tiny_model
     model.eval()
     images = [random_image(224, 224, 5), random_image(128, 320, 6), random_image(288, 192, 7)]
@@ -145,6 +125,7 @@ def test_batched_equals_one_by_one(tiny_model):
 
 
 def test_malformed_sample_is_a_clear_error(tiny_model):
+    """A prompt that lost its <y> is an error naming the sample, not a silent read of the wrong token."""
     model, processor = tiny_model
     batch = make_batch(processor, [random_image(64, 64, 8), random_image(64, 64, 9)])
     x_id, y_id = mvr.coordinate_token_ids(processor)
@@ -155,9 +136,10 @@ def test_malformed_sample_is_a_clear_error(tiny_model):
 
 
 def test_4bit_forward_backward_on_cpu_keeps_vision_unquantized():
+    """QLoRA quantizes the language model only; gradients still reach the heads and the token rows."""
     import bitsandbytes as bnb
 
-    model, processor = mvr.build_model("tiny", load_in_4bit=True, lora_r=8, mlp_layers=2, head_dim=64,
+    model, processor = mvr.build_model("tiny", load_in_4bit=True, lora_r=8, mlp_layers=2, head_hidden_dim=64,
                                        gradient_checkpointing=True)
     base = model.vlm.get_base_model()
     quantized = [n for n, m in base.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -173,6 +155,7 @@ def test_4bit_forward_backward_on_cpu_keeps_vision_unquantized():
 
 
 def test_summary_cli_for_the_4b_architecture():
+    """The 4B's parameter counts, from the bundled config alone (no download)."""
     out = subprocess.run([sys.executable, "model_vlm_regression.py", "--model_name", "Qwen/Qwen3-VL-4B-Thinking",
                           "--summary", "--json"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     s = json.loads(out[out.index("{"):])
@@ -188,6 +171,24 @@ def test_building_the_tiny_model_leaves_the_global_rng_alone(tmp_path, monkeypat
     torch.manual_seed(42)
     expected = torch.rand(4)
     torch.manual_seed(42)
-    path = mvr.tiny_model_dir()  # builds it: the cache folder is empty
+    path = tiny_model_dir()  # builds it: the cache folder is empty
     assert path.startswith(str(tmp_path))
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_checkpoint_saved_before_the_head_rename_loads(tiny_model, tmp_path):
+    """regression_config.json written before --head_dim became --head_hidden_dim (key `head_dim`) still loads, to
+    the same predictions."""
+    model, processor = tiny_model
+    model.eval()
+    model.save_pretrained(tmp_path / "ckpt", processor)
+    path = tmp_path / "ckpt" / "regression_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["head_dim"] = cfg.pop("head_hidden_dim")
+    path.write_text(json.dumps(cfg))
+    loaded, processor2 = mvr.VLMRegressionModel.from_pretrained(tmp_path / "ckpt")
+    loaded.eval()
+    batch = make_batch(processor, [random_image(96, 96, 12)])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch), model(**batch), rtol=0, atol=0)
+    assert loaded.config["head_hidden_dim"] == 64 and "head_dim" not in loaded.config

@@ -1,4 +1,5 @@
-"""Training: learning, output files, resume after SIGKILL, SIGTERM checkpoint, W&B offline files, safety checks."""
+"""Training: learning, output files, resume after SIGKILL, SIGTERM checkpoint, W&B offline files, safety checks,
+the arguments' old spellings."""
 import glob
 import json
 import os
@@ -15,10 +16,11 @@ import dataset as data
 import model_vlm_regression as mvr
 import train_vlm_regression as tr
 from conftest import ROOT
+from synthetic_data import SyntheticConfig
 
 SMALL = ["--model_name", "tiny", "--dataset", "synthetic", "--synthetic_num_train", "64", "--synthetic_num_val", "16",
          "--batch_size", "2", "--num_workers", "0", "--wandb_mode", "disabled", "--log_every", "1",
-         "--lora_r", "8", "--head_dim", "64", "--warmup_steps", "2", "--num_val_images", "2"]
+         "--lora_r", "8", "--head_hidden_dim", "64", "--warmup_steps", "2", "--num_val_images", "2"]
 
 
 def train_cmd(out, *extra):
@@ -39,9 +41,10 @@ def epoch_rows(out):
 
 
 def test_overfits_one_batch():
+    """Model, loss and optimizer can fit one fixed batch exactly: nothing in the path blocks learning."""
     torch.manual_seed(0)
-    model, processor = mvr.build_model("tiny", lora_r=8, mlp_layers=2, head_dim=64)
-    records, _ = data.load_records("synthetic", split="train", synthetic=data.SyntheticConfig(num_train=4))
+    model, processor = mvr.build_model("tiny", lora_r=8, mlp_layers=2, head_hidden_dim=64)
+    records, _ = data.load_records("synthetic", split="train", synthetic=SyntheticConfig(num_train=4))
     ds = data.CountingDataset(records[:4], seed=0)
     batch = data.make_collate_fn(processor)([ds[i] for i in range(4)])
     opt = tr.build_optimizer(model, lr=1e-3, mlp_lr=5e-3, weight_decay=0.0)
@@ -57,8 +60,9 @@ def test_overfits_one_batch():
 
 
 def test_gradient_flow_check_fires_when_a_group_is_frozen():
-    model, processor = mvr.build_model("tiny", lora_r=8, mlp_layers=2, head_dim=64)
-    records, _ = data.load_records("synthetic", split="val", synthetic=data.SyntheticConfig(num_val=2))
+    """The first-step check passes when every group learns and names the group that got no gradient otherwise."""
+    model, processor = mvr.build_model("tiny", lora_r=8, mlp_layers=2, head_hidden_dim=64)
+    records, _ = data.load_records("synthetic", split="val", synthetic=SyntheticConfig(num_val=2))
     ds = data.CountingDataset(records, seed=0)
     batch = data.make_collate_fn(processor)([ds[0], ds[1]])
     mvr.regression_loss(model(**batch), batch["targets"])[0].backward()
@@ -73,8 +77,10 @@ def test_gradient_flow_check_fires_when_a_group_is_frozen():
 
 
 def test_output_files_and_checkpoints(tmp_path):
+    """A run writes config.json, one metrics row per epoch, results.json that agrees with them, and loadable
+    `last` and `best` checkpoints with no temp folders left."""
     out = tmp_path / "run"
-    proc = run_train(out, "--epochs", "2", "--train_iters", "4", "--val_iters", "2")
+    proc = run_train(out, "--epochs", "2", "--train_batches", "4", "--val_batches", "2")
     assert "gradient flow on the first step" in proc.stdout
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["lr"] == 1e-3 and cfg["mlp_lr_effective"] == pytest.approx(5e-3) and cfg["world_size"] == 1
@@ -100,7 +106,8 @@ def test_output_files_and_checkpoints(tmp_path):
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
-    args = ["--epochs", "2", "--train_iters", "24", "--val_iters", "2", "--checkpoint_every", "5"]
+    """A run killed mid-epoch and resumed from its last checkpoint logs what an uninterrupted run logs."""
+    args = ["--epochs", "2", "--train_batches", "24", "--val_batches", "2", "--checkpoint_every", "5"]
     run_train(tmp_path / "straight", *args)
     out = tmp_path / "killed"
     proc = subprocess.Popen(train_cmd(out, *args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -122,8 +129,9 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
 
 
 def test_sigterm_saves_a_loadable_checkpoint_and_resume_completes(tmp_path):
+    """SIGTERM: a checkpoint of the trained weights, results.json `preempted`, exit 75; --resume then completes."""
     out = tmp_path / "run"
-    args = ["--epochs", "2", "--train_iters", "40", "--val_iters", "1"]
+    args = ["--epochs", "2", "--train_batches", "40", "--val_batches", "1"]
     proc = subprocess.Popen(train_cmd(out, *args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     metrics = out / "metrics.jsonl"
@@ -138,16 +146,18 @@ def test_sigterm_saves_a_loadable_checkpoint_and_resume_completes(tmp_path):
     state = json.loads((out / "checkpoints/last/state.json").read_text())
     assert res["status"] == "preempted" and 0 < state["step"] < 80 and res["step"] == state["step"]
     model, _ = mvr.VLMRegressionModel.from_pretrained(str(out / "checkpoints/last"))
-    assert model is not None
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # LoRA B starts at zero: these are trained weights
     run_train(out, *args, "--resume")
     res = json.loads((out / "results.json").read_text())
     assert res["status"] == "completed" and res["step"] == 80 and res["epochs_completed"] == 2
 
 
 def test_wandb_offline_files_hold_metrics_and_images_and_no_key(tmp_path):
+    """W&B offline: the metrics, the validation images with their prompts, and never the API key."""
     out = tmp_path / "run"
     secret = "0123456789abcdef0123456789abcdef01234567"
-    run_train(out, "--epochs", "1", "--train_iters", "3", "--val_iters", "1", "--wandb_mode", "offline",
+    run_train(out, "--epochs", "1", "--train_batches", "3", "--val_batches", "1", "--wandb_mode", "offline",
               env={"WANDB_API_KEY": secret})
     runs = glob.glob(str(out / "wandb/offline-run-*"))
     assert len(runs) == 1
@@ -162,13 +172,24 @@ def test_wandb_offline_files_hold_metrics_and_images_and_no_key(tmp_path):
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    """A non-finite loss stops the run at that step with results.json `failed`; checkpoints/last stays finite."""
     out = tmp_path / "run"
     # an absurd head lr makes the head weights overflow on the first update: the next loss is NaN
-    proc = run_train(out, "--epochs", "1", "--train_iters", "6", "--val_iters", "1", "--mlp_lr", "1e30",
+    proc = run_train(out, "--epochs", "1", "--train_batches", "6", "--val_batches", "1", "--mlp_lr", "1e30",
                      "--max_grad_norm", "0", "--checkpoint_every", "1", check=False)
     assert proc.returncode != 0
     assert "error: non-finite loss" in proc.stderr and "optimizer step 2" in proc.stderr, proc.stderr[-2000:]
     res = json.loads((out / "results.json").read_text())
     assert res["status"] == "failed" and "non-finite" in res["error"]
     assert json.loads((out / "checkpoints/last/state.json").read_text())["step"] == 1
-    mvr.VLMRegressionModel.from_pretrained(str(out / "checkpoints/last"))
+    model, _ = mvr.VLMRegressionModel.from_pretrained(str(out / "checkpoints/last"))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_old_argument_spellings_still_parse():
+    """Commands and sweep settings written before the renames keep working: --head_dim, --train_iters and
+    --val_iters are the old names of --head_hidden_dim, --train_batches and --val_batches."""
+    old = tr.parse_args(["--head_dim", "64", "--train_iters", "7", "--val_iters", "3", "--run_name", "x"])
+    new = tr.parse_args(["--head_hidden_dim", "64", "--train_batches", "7", "--val_batches", "3", "--run_name", "x"])
+    assert vars(old) == vars(new)
+    assert (new.head_hidden_dim, new.train_batches, new.val_batches) == (64, 7, 3)
