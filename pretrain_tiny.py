@@ -1,0 +1,432 @@
+"""
+Pretrain the whole tiny Qwen3-VL (vision tower, merger, language model, embeddings) on a generic synthetic pointing
+task, "Point at the <colour> <shape>.", and save it as a base that the demo then LoRA-tunes like a real checkpoint.
+
+    python pretrain_tiny.py --out tiny_base --steps 3000                          # CPU (2 cores: ~7 steps/s at batch 4)
+    PYTHONUNBUFFERED=1 python3 pretrain_tiny.py --device cuda --max_minutes 6 --out $OUT/tiny_base   # one GPU
+    python pretrain_tiny.py --out /tmp/check --steps 20 --batch_size 2 --eval_every 10 --val_images 8   # smoke
+
+Each image holds exactly one object of the named type and 0-4 distractors of other types, on a plain or varied
+background, at 224 px (the demo's size). The heads read the hidden states at <x> and <y>, as the counting model's do;
+they are thrown away. Optionally a share of samples (--unmarked_fraction) asks for "the object without a white
+label", the other objects carrying utils.mark_objects' numbered discs (no counting order is involved).
+
+Deterministic given --seed on a given device: batch `step` is drawn from np.random.default_rng([seed, step]), the
+model starts from tiny_model's cached random init (redrawn from the seed when --init_std differs), and torch runs
+with deterministic algorithms. With --steps 0 and --max_minutes, the number of steps is fixed from the measured
+speed of the first steps (during warm-up, whose learning rates do not depend on it) and recorded in recipe.json:
+rerunning with that --steps rebuilds the same weights. --max_minutes also stops a run cleanly (final validation,
+save) if it would overrun.
+
+The output folder: model.safetensors + config.json (the Qwen3VLForConditionalGeneration only), the processor (with
+<x>/<y> in its tokenizer), and recipe.json (every setting, versions, device, wall time, validation pixel errors and
+the weights' sha256).
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import time
+
+# before torch initialises CUDA: cuBLAS is deterministic only with a fixed workspace
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from model_vlm_regression import init_token_rows, load_processor, make_head, regression_loss
+from prompt import X_TOKEN, Y_TOKEN
+from synthetic_data import COLOURS, SHAPES, render_synthetic
+from tiny_model import TINY_INIT_STD, TINY_POS_EMBED_STD, TINY_VERSION, rescale_random_init, tiny_model_dir
+from utils import denormalize_points, mark_objects, normalize_points
+
+IMAGE_SIZE = 224  # the demo's image size: 7x7 merged visual tokens
+TYPES = tuple(f"{c} {s}" for s in SHAPES for c in COLOURS)  # singular names: "red circle"
+SYSTEM_TEXT = "You are a vision assistant that points at objects in images."
+TASKS = ("named", "unmarked")
+VAL_KEY = 1_000_003  # validation images come from default_rng([seed, VAL_KEY, i]); training from [seed, step]
+
+# -----------------------------------------------------------------------------
+# Data: one pointing sample, a batch per step
+
+
+def pointing_layout(rng, task, background):
+    """(layout for synthetic_data.render_synthetic, target index, instruction text). 'named': one object of the
+    named type and 0-4 distractors of other types. 'unmarked': 1-5 objects of any types; all but the target get
+    numbered labels, and the prompt asks for the one without."""
+    s = IMAGE_SIZE
+    n = 1 + int(rng.integers(0, 5))
+    target = TYPES[int(rng.integers(len(TYPES)))]
+    if task == "named":
+        others = [t for t in TYPES if t != target]
+        types = [target] + [others[i] for i in rng.integers(0, len(others), n - 1)]
+    else:
+        types = [target] + [TYPES[i] for i in rng.integers(0, len(TYPES), n - 1)]
+    if background == "plain":
+        bg = dict(base=128, tint=[0, 0, 0], angle=0.0, amplitude=0.0)
+    else:
+        bg = dict(base=int(rng.integers(70, 200)), tint=rng.integers(-25, 26, 3).tolist(),
+                  angle=float(rng.uniform(0, 2 * np.pi)), amplitude=float(rng.uniform(0, 40)))
+    placed = []
+    for t in types:
+        r = float(rng.uniform(12, 24))
+        for _try in range(30):
+            c = rng.uniform(r + 1, s - r - 1, 2)
+            if all((c[0] - o[1]) ** 2 + (c[1] - o[2]) ** 2 > (r + o[3] + 3) ** 2 for o in placed):
+                # render_synthetic takes the plural type names of synthetic_data ("red circles")
+                placed.append((t + "s", float(c[0]), float(c[1]), r, float(rng.uniform(0, 2 * np.pi))))
+                break
+        if not placed:  # the target always fits in an empty image; this guards the invariant
+            raise RuntimeError("could not place the target")
+    order = rng.permutation(len(placed))  # the target is not always drawn first (it would be under the others)
+    objects = [placed[i] for i in order]
+    target_index = int(np.argwhere(order == 0)[0, 0])
+    if task == "named":
+        text = f"Point at the {target}."
+    else:
+        text = "Point at the object that has no white label."
+    return dict(size=s, background=bg, objects=objects), target_index, text
+
+
+def pointing_sample(key, task, background):
+    """(PIL image, user text, target (2,) in [-1, 1]) from default_rng(key)."""
+    rng = np.random.default_rng(key)
+    layout, ti, text = pointing_layout(rng, task, background)
+    image = render_synthetic(layout)
+    centres = np.array([[o[1], o[2]] for o in layout["objects"]], np.float32)
+    if task == "unmarked":
+        others = np.delete(centres, ti, axis=0)
+        image = mark_objects(image, others[rng.permutation(len(others))], start_index=1)
+    return image, text, normalize_points(centres[ti], IMAGE_SIZE, IMAGE_SIZE)[0]
+
+
+def user_text(instruction):
+    return (f"{instruction}\n\nOutput x, y as normalized coordinates in [-1, 1].\n\n"
+            f"Location: {X_TOKEN} {Y_TOKEN}")
+
+
+def encode(processor, images, instructions):
+    """Model inputs for images and instructions, the same chat layout as prompt.build_messages (right padding)."""
+    texts = [processor.apply_chat_template([
+        {"role": "system", "content": [{"type": "text", "text": SYSTEM_TEXT}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user_text(t)}]}], tokenize=False)
+        for t in instructions]
+    batch = processor(text=texts, images=list(images), padding=True, return_tensors="pt")
+    return {k: v for k, v in batch.items() if torch.is_tensor(v)}
+
+
+def sample_spec(key, unmarked_fraction):
+    """(task, background) of the sample drawn from `key`: its own stream, so the mix does not shift the images."""
+    rng = np.random.default_rng(list(key) + [7])
+    task = "unmarked" if rng.random() < unmarked_fraction else "named"
+    return task, ("plain" if rng.random() < 0.5 else "varied")
+
+
+class PointingBatches(torch.utils.data.Dataset):
+    """Item `step` is the whole training batch of that step (so DataLoader workers cannot change the order)."""
+
+    def __init__(self, processor, seed, batch_size, unmarked_fraction):
+        self.processor, self.seed, self.batch_size, self.unmarked_fraction = processor, seed, batch_size, unmarked_fraction
+
+    def __len__(self):
+        return 1 << 30
+
+    def __getitem__(self, step):
+        images, texts, targets = [], [], []
+        for i in range(self.batch_size):
+            key = [self.seed, step, i]
+            image, text, target = pointing_sample(key, *sample_spec(key, self.unmarked_fraction))
+            images.append(image)
+            texts.append(text)
+            targets.append(target)
+        return encode(self.processor, images, texts), torch.from_numpy(np.stack(targets))
+
+
+def validation_set(processor, seed, n, task, batch_size=50):
+    """Fixed held-out batches of one task (half plain, half varied backgrounds)."""
+    out = []
+    for start in range(0, n, batch_size):
+        samples = [pointing_sample([seed, VAL_KEY, TASKS.index(task), i], task, ("plain", "varied")[i % 2])
+                   for i in range(start, min(n, start + batch_size))]
+        out.append((encode(processor, [s[0] for s in samples], [s[1] for s in samples]),
+                    torch.from_numpy(np.stack([s[2] for s in samples]))))
+    return out
+
+
+def _worker_init(_):
+    import cv2
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+
+
+# -----------------------------------------------------------------------------
+# Model: the base plus two throwaway heads reading <x> and <y> (VLMRegressionModel's forward, without peft)
+
+
+class PointingModel(nn.Module):
+    def __init__(self, base, x_token_id, y_token_id):
+        super().__init__()
+        self.base = base
+        hidden = base.config.text_config.hidden_size
+        self.x_head, self.y_head = make_head(hidden), make_head(hidden)
+        self.x_token_id, self.y_token_id = x_token_id, y_token_id
+
+    def forward(self, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, **_ignored):
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        x_pos = (input_ids == self.x_token_id).int().argmax(1)
+        y_pos = (input_ids == self.y_token_id).int().argmax(1)
+        out = self.base.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                              image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids, use_cache=False)
+        hidden = out.last_hidden_state
+        return torch.cat((self.x_head(hidden[rows, x_pos]), self.y_head(hidden[rows, y_pos])), dim=-1)
+
+
+def build(args, device):
+    """(PointingModel, processor): tiny_model's cached random init, optionally redrawn with another std."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    init_dir = args.init_dir or tiny_model_dir()
+    processor = load_processor(init_dir)
+    ids = processor.tokenizer.convert_tokens_to_ids([X_TOKEN, Y_TOKEN])
+    base = Qwen3VLForConditionalGeneration.from_pretrained(init_dir, dtype=torch.float32, attn_implementation="sdpa")
+    base.config.use_cache = False
+    assert max(ids) < base.get_input_embeddings().weight.shape[0], "the tiny matrix has spare rows for <x>/<y>"
+    if (args.init_std, args.init_pos_std) != (TINY_INIT_STD, TINY_POS_EMBED_STD):
+        rescale_random_init(base, args.init_std, args.init_pos_std, seed=args.seed)
+    init_token_rows(base, ids)
+    torch.manual_seed(args.seed)  # the heads' init
+    model = PointingModel(base, *ids).to(device)
+    return model, processor
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def lr_at(step, args, total):
+    """Linear warm-up to --lr over --warmup steps, then cosine to --lr * --min_lr_ratio at `total`."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = min(1.0, (step - args.warmup) / max(1, total - args.warmup))
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def pixel_error(model, val, device):
+    """Mean distance in pixels (224-px images) between predicted and true points over a validation set."""
+    model.eval()
+    dists = []
+    for batch, target in val:
+        pred = model(**to_device(batch, device)).float().cpu()
+        d = denormalize_points(pred.numpy(), IMAGE_SIZE, IMAGE_SIZE) - denormalize_points(target.numpy(), IMAGE_SIZE, IMAGE_SIZE)
+        dists.append(np.hypot(d[:, 0], d[:, 1]))
+    model.train()
+    return float(np.concatenate(dists).mean())
+
+
+def baseline_error(val):
+    """Pixel error of always predicting the validation set's mean point."""
+    t = denormalize_points(torch.cat([v[1] for v in val]).numpy(), IMAGE_SIZE, IMAGE_SIZE)
+    d = t - t.mean(0)
+    return float(np.hypot(d[:, 0], d[:, 1]).mean())
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def library_versions():
+    import importlib.metadata as md
+
+    return {name: md.version(name) for name in ("torch", "transformers", "tokenizers", "numpy", "opencv-python-headless", "pillow")
+            if _installed(md, name)}
+
+
+def _installed(md, name):
+    try:
+        md.version(name)
+        return True
+    except md.PackageNotFoundError:
+        return False
+
+
+def save_base(model, processor, out, recipe):
+    """model.safetensors + config.json + processor files + recipe.json (with the weights' sha256) in `out`, flat."""
+    os.makedirs(out, exist_ok=True)
+    model.base.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    recipe["weights_file"] = "model.safetensors"
+    recipe["weights_sha256"] = sha256_file(os.path.join(out, "model.safetensors"))
+    recipe["files"] = sorted(os.listdir(out)) + ["recipe.json"]
+    with open(os.path.join(out, "recipe.json"), "w") as f:
+        json.dump(recipe, f, indent=2)
+        f.write("\n")
+
+
+def train(args):
+    t_start = time.time()
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 throughout: the tiny model is launch-bound, not FLOP-bound
+        torch.backends.cudnn.allow_tf32 = False
+    model, processor = build(args, device)
+    n_params = sum(p.numel() for p in model.base.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+
+    tasks = ["named"] + (["unmarked"] if args.unmarked_fraction > 0 else [])
+    val = {t: validation_set(processor, args.seed, args.val_images, t) for t in tasks}
+    baseline = {t: baseline_error(v) for t, v in val.items()}
+    t_val = time.time()
+    curve = [dict(step=0, **{f"val_px_{t}": pixel_error(model, v, device) for t, v in val.items()})]
+    val_seconds = time.time() - t_val
+    print(f"tiny base: {n_params:,} parameters, device {device_name(device)}; baseline px "
+          + ", ".join(f"{t} {b:.1f}" for t, b in baseline.items())
+          + f"; step 0 val px {curve[0]['val_px_named']:.1f} ({val_seconds:.1f} s per validation)", flush=True)
+
+    total = args.steps
+    if total <= 0 and not args.max_minutes:
+        raise SystemExit("--steps 0 (auto) needs --max_minutes")
+    # steps timed to size an automatic run: the second half of the warm-up (whose lrs do not depend on the total),
+    # after the DataLoader's prefetched batches are used up, so the timing is the steady, data-bound one
+    calib = (args.warmup // 2, args.warmup)
+    data = PointingBatches(processor, args.seed, args.batch_size, args.unmarked_fraction)
+    workers = args.workers if args.workers >= 0 else (min(12, (os.cpu_count() or 2) - 2) if device.type == "cuda" else 0)
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=None, sampler=range(10 ** 9), num_workers=workers, worker_init_fn=_worker_init,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None, persistent_workers=False)
+    model.train()
+    step, stopped_early, losses, t_calib, t_train = 0, False, [], None, time.time()
+    for batch, target in loader:
+        if total > 0 and step >= total:
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args, total if total > 0 else 10 ** 9)
+        pred = model(**to_device(batch, device))
+        loss = regression_loss(pred, target.to(device))[0]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        opt.step()
+        losses.append(loss.detach())
+        step += 1
+        if step == calib[0]:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t_calib = time.time()
+        if total <= 0 and step == calib[1] and calib[1] > calib[0]:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            per_step = (time.time() - t_calib) / (calib[1] - calib[0])
+            left = args.max_minutes * 60 * args.budget_fraction - (time.time() - t_start)
+            # each validation costs val_seconds; one per eval_every steps, plus the final one
+            total = calib[1] + int(left / (per_step + val_seconds / args.eval_every))
+            total = max(args.warmup + 1, total // 50 * 50)
+            print(f"auto steps: {per_step * 1000:.1f} ms/step -> --steps {total}", flush=True)
+        if step % args.eval_every == 0 or step == total:
+            row = dict(step=step, train_loss=float(torch.stack(losses).mean()), lr=opt.param_groups[0]["lr"],
+                       elapsed_s=round(time.time() - t_start, 1))
+            row.update({f"val_px_{t}": pixel_error(model, v, device) for t, v in val.items()})
+            losses = []
+            curve.append(row)
+            print(f"step {step:6d}/{total if total > 0 else '?'}  loss {row['train_loss']:.4f}  lr {row['lr']:.2e}  "
+                  + "  ".join(f"val px {t} {row[f'val_px_{t}']:.1f}" for t in tasks)
+                  + f"  {row['elapsed_s']:.0f} s", flush=True)
+        if args.max_minutes and time.time() - t_start > args.max_minutes * 60 - max(5.0, 2 * val_seconds):
+            stopped_early = step < total or total <= 0
+            print(f"--max_minutes {args.max_minutes} reached at step {step}: stopping", flush=True)
+            break
+    train_seconds = time.time() - t_train
+    final = {t: pixel_error(model, v, device) for t, v in val.items()}
+    print("final val px " + ", ".join(f"{t} {e:.1f} (baseline {baseline[t]:.1f})" for t, e in final.items()), flush=True)
+
+    recipe = dict(
+        what="tiny Qwen3-VL pretrained on synthetic pointing (pretrain_tiny.py); the heads are not saved",
+        command="python pretrain_tiny.py " + " ".join(args.argv),
+        settings={k: v for k, v in vars(args).items() if k not in ("out", "argv", "device")},
+        rebuild=(f"python pretrain_tiny.py --steps {total} (+ the settings above, no --max_minutes), same device type"
+                 if not stopped_early else "not rebuildable bit-for-bit: --max_minutes cut the planned schedule"),
+        steps_done=step, steps_planned=total, stopped_early=stopped_early,
+        init=dict(source=f"tiny_model.build_tiny_model ({TINY_VERSION})", std=args.init_std, pos_std=args.init_pos_std),
+        task=dict(prompt=user_text("Point at the <colour> <shape>."), system=SYSTEM_TEXT, image_size=IMAGE_SIZE,
+                  objects="1 target + 0-4 distractors, radius 12-24 px", backgrounds="plain 50%, varied 50%",
+                  unmarked_fraction=args.unmarked_fraction),
+        optimizer=dict(name="AdamW", betas=[0.9, 0.95], weight_decay=args.weight_decay,
+                       schedule=f"linear warm-up {args.warmup} steps, cosine to {args.min_lr_ratio} x lr"),
+        device=device_name(device), device_type=device.type, dataloader_workers=workers,
+        versions=library_versions(), python=platform.python_version(),
+        parameters=n_params, wall_seconds=round(time.time() - t_start, 1), train_seconds=round(train_seconds, 1),
+        val_images_per_task=args.val_images, baseline_px=baseline, final_val_px=final, curve=curve,
+        config=model.base.config.to_dict(),
+    )
+    save_base(model.cpu(), processor, args.out, recipe)
+    print(f"saved {args.out}: {', '.join(recipe['files'])}; sha256 {recipe['weights_sha256'][:16]}...; "
+          f"{recipe['wall_seconds']:.0f} s in all", flush=True)
+    return recipe
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # ---- Output and device
+    p.add_argument("--out", default="tiny_base", help="folder for the base model and recipe.json")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--seed", type=int, default=0, help="seeds the data stream, the heads and any redrawn init")
+    # ---- Optimization
+    p.add_argument("--steps", type=int, default=3000, help="training steps; 0: as many as --max_minutes allows")
+    p.add_argument("--max_minutes", type=float, default=0, help="wall-time budget, start to save (0: none)")
+    p.add_argument("--budget_fraction", type=float, default=0.85, help="with --steps 0: share of the budget planned for steps (the rest: start-up, validation, saving)")
+    p.add_argument("--batch_size", type=int, default=8, help="images per step")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (1e-3 did not train at batch 4)")
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    p.add_argument("--min_lr_ratio", type=float, default=0.1, help="the cosine ends at this share of --lr")
+    p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--max_grad_norm", type=float, default=0.0, help="gradient clipping (0: off)")
+    # ---- Model init
+    p.add_argument("--init_dir", default=None, help="random-init model folder (default: tiny_model's cache)")
+    p.add_argument("--init_std", type=float, default=TINY_INIT_STD, help="std of every matrix (the tiny default: 0.3)")
+    p.add_argument("--init_pos_std", type=float, default=TINY_POS_EMBED_STD, help="std of the ViT position embedding")
+    # ---- Task
+    p.add_argument("--unmarked_fraction", type=float, default=0.0, help="share of 'object without a white label' samples")
+    # ---- Validation and data loading
+    p.add_argument("--val_images", type=int, default=200, help="held-out images per task")
+    p.add_argument("--eval_every", type=int, default=250, help="steps between validations")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 was 10x faster on 2 cores shared with other jobs)")
+    p.add_argument("--workers", type=int, default=-1, help="DataLoader workers (-1: cpu_count-2 up to 12 on CUDA, 0 on CPU)")
+    args = p.parse_args(argv)
+    args.argv = list(argv) if argv is not None else __import__("sys").argv[1:]
+    return args
+
+
+def main(argv=None):
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""The pretrained tiny base (pretrain_tiny.py): its data, its reproducibility, and the integrity of the shipped copy."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import pretrain_tiny as pt
+from conftest import ROOT
+
+SHIPPED = ROOT / "tiny_base"
+
+
+def test_named_sample_has_exactly_one_object_of_the_named_type():
+    """'Point at the red circle.' is answerable: one object of that type, the target at its centre."""
+    for i in range(50):
+        rng = np.random.default_rng([0, i])
+        layout, ti, text = pt.pointing_layout(rng, "named", ("plain", "varied")[i % 2])
+        named = text[len("Point at the "):-1]
+        types = [o[0] for o in layout["objects"]]
+        assert types.count(named + "s") == 1 and types[ti] == named + "s"
+        assert 1 <= len(types) <= 5
+
+
+def test_sample_is_a_pure_function_of_its_key():
+    a, b = pt.pointing_sample([3, 5, 1], "unmarked", "varied"), pt.pointing_sample([3, 5, 1], "unmarked", "varied")
+    assert np.array_equal(np.asarray(a[0]), np.asarray(b[0])) and a[1] == b[1] and np.array_equal(a[2], b[2])
+    assert np.all(np.abs(a[2]) < 1)
+
+
+def _short_run(out):
+    return pt.train(pt.parse_args(["--out", str(out), "--steps", "6", "--batch_size", "2", "--warmup", "3",
+                                   "--eval_every", "3", "--val_images", "4", "--unmarked_fraction", "0.5",
+                                   "--threads", "1"]))
+
+
+def test_pretraining_is_bit_identical_for_a_seed_and_records_its_hash(tmp_path):
+    """Two CPU runs with the same seed write the same weights, and recipe.json holds their sha256."""
+    r1, r2 = _short_run(tmp_path / "a"), _short_run(tmp_path / "b")
+    for out, r in ((tmp_path / "a", r1), (tmp_path / "b", r2)):
+        assert pt.sha256_file(out / "model.safetensors") == r["weights_sha256"]
+        with open(out / "recipe.json") as f:
+            assert json.load(f)["weights_sha256"] == r["weights_sha256"]
+        assert sorted(os.listdir(out)) == sorted(r["files"]) and len(r["files"]) <= 8  # a GPU run's $OUT takes 8
+    assert r1["weights_sha256"] == r2["weights_sha256"]
+    assert r1["final_val_px"] == r2["final_val_px"]
+    assert r1["steps_done"] == 6 and r1["settings"]["seed"] == 0
+
+
+@pytest.mark.skipif(not (SHIPPED / "recipe.json").exists(), reason="no tiny_base/ in the repository (not shipped yet)")
+def test_shipped_base_matches_its_recipe():
+    """The shipped weights are the ones the recipe names, and the shipped config is the recipe's architecture."""
+    with open(SHIPPED / "recipe.json") as f:
+        recipe = json.load(f)
+    assert pt.sha256_file(SHIPPED / recipe["weights_file"]) == recipe["weights_sha256"]
+    with open(SHIPPED / "config.json") as f:
+        config = json.load(f)
+    for part in ("text_config", "vision_config"):
+        shipped, recorded = config[part], recipe["config"][part]
+        keys = set(shipped) & set(recorded) - {"transformers_version", "dtype", "torch_dtype"}
+        assert keys and {k: shipped[k] for k in keys} == {k: recorded[k] for k in keys}, part
+    for name in recipe["files"]:
+        assert (SHIPPED / name).exists(), name
