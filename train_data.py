@@ -1,6 +1,6 @@
 """
 The data side of training: both splits as datasets, which samples each epoch and each rank take, their loaders,
-and the mean-target baseline every validation loss is compared with; and how the ranks agree on what they saw.
+the validation loss and the mean-target baseline it is compared with; and how the ranks agree on what they saw.
 Data parallel: a run's samples are the same whatever the number of processes for a given global batch, and a
 resumed run restarts at exactly the batch it stopped at.
 """
@@ -114,3 +114,31 @@ def any_rank(accelerator, *flags):
         return [bool(f) for f in flags]
     t = torch.tensor([float(bool(f)) for f in flags], device=accelerator.device)
     return [v > 0 for v in accelerator.reduce(t, "max").tolist()]
+
+
+# -----------------------------------------------------------------------------
+# Validation: every rank scores its shard, the predictions are gathered
+
+
+def image_sizes(batch):
+    """(W, H) in pixels of each image as the model saw it: the grid is in 16-px patches."""
+    thw = batch["image_grid_thw"].float()
+    return torch.stack([thw[:, 2], thw[:, 1]], dim=1) * 16
+
+
+@torch.no_grad()
+def validate(model, loader, accelerator):
+    """Loss (total, x, y) and mean pixel error over the whole validation set (gathered across ranks)."""
+    model.eval()
+    preds, targets, sizes = [], [], []
+    for batch in loader:
+        batch = to_device(batch, accelerator.device)
+        preds.append(model(**batch).float())
+        targets.append(batch["targets"])
+        sizes.append(image_sizes(batch))
+    model.train()
+    pred, target, size = (accelerator.gather(torch.cat(t)) for t in (preds, targets, sizes))
+    loss, loss_x, loss_y = mvr.regression_loss(pred, target)
+    pixel_error = ((pred - target) / 2 * size).norm(dim=1).mean()
+    return {"val/loss": loss.item(), "val/loss_x": loss_x.item(), "val/loss_y": loss_y.item(),
+            "val/pixel_error": pixel_error.item(), "val/saturation": (pred.abs() > 0.99).float().mean().item()}, pred

@@ -103,7 +103,7 @@ def parse_args(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# Small pieces: the schedule, the gradient-flow check, a failed run
+# Small pieces: the schedule, the gradient-flow check, a failed run, W&B's validation images, preemption
 
 
 def lr_lambda(warmup_steps, total_steps):
@@ -146,30 +146,6 @@ def fail(run, message):
         res["error"] = message
         run_files.write_results(run.args.output_dir, res)
     sys.exit(f"error: {message}")
-
-
-def image_sizes(batch):
-    """(W, H) in pixels of each image as the model saw it: the grid is in 16-px patches."""
-    thw = batch["image_grid_thw"].float()
-    return torch.stack([thw[:, 2], thw[:, 1]], dim=1) * 16
-
-
-@torch.no_grad()
-def validate(model, loader, accelerator):
-    """Loss (total, x, y) and mean pixel error over the whole validation set (gathered across ranks)."""
-    model.eval()
-    preds, targets, sizes = [], [], []
-    for batch in loader:
-        batch = train_data.to_device(batch, accelerator.device)
-        preds.append(model(**batch).float())
-        targets.append(batch["targets"])
-        sizes.append(image_sizes(batch))
-    model.train()
-    pred, target, size = (accelerator.gather(torch.cat(t)) for t in (preds, targets, sizes))
-    loss, loss_x, loss_y = mvr.regression_loss(pred, target)
-    pixel_error = ((pred - target) / 2 * size).norm(dim=1).mean()
-    return {"val/loss": loss.item(), "val/loss_x": loss_x.item(), "val/loss_y": loss_y.item(),
-            "val/pixel_error": pixel_error.item(), "val/saturation": (pred.abs() > 0.99).float().mean().item()}, pred
 
 
 def val_images(model, val_ds, processor, collate, indices, device, ordering):
@@ -369,7 +345,7 @@ def train_epoch(run, epoch):
     d.train_ds.set_epoch(epoch)
     start = state["batch_in_epoch"]
     indices = train_data.epoch_indices(len(d.train_ds), args.seed, epoch, d.train_batches, args.batch_size, world,
-                            accelerator.process_index, start)
+                                       accelerator.process_index, start)
     loader = train_data.make_loader(d.train_ds, indices, args.batch_size, run.collate, args.num_workers,
                                     args.seed + epoch)
     bar = tqdm(total=d.train_batches, initial=start, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not run.is_main,
@@ -404,7 +380,7 @@ def train_epoch(run, epoch):
 def end_epoch(run, epoch, totals):
     """Validation, the epoch's row and console line, W&B images, and a checkpoint (also `best` if it improved)."""
     args, state, accelerator = run.args, run.state, run.accelerator
-    metrics, _ = validate(run.model, run.val_loader, accelerator)
+    metrics, _ = train_data.validate(run.model, run.val_loader, accelerator)
     state["epoch"], state["batch_in_epoch"], state["epoch_sums"] = epoch + 1, 0, None
     improved = state["best_val_loss"] is None or metrics["val/loss"] < state["best_val_loss"]
     if improved:
@@ -454,6 +430,7 @@ def finish(run):
 
 
 # -----------------------------------------------------------------------------
+# main: the phases in order
 
 
 def main(args):

@@ -33,6 +33,51 @@ from synthetic_data import SyntheticConfig  # noqa: E402
 from tiny_model import random_weights_dir  # noqa: E402
 
 
+def fwd_bwd(model, batch):
+    loss = mvr.regression_loss(model(**batch).float(), batch["targets"])[0]
+    loss.backward()
+    return loss
+
+
+def time_full_steps(model, ds, collate, optimizer, scheduler, args, device, sync):
+    """(seconds per step, seconds of it spent waiting for the batch) of the training loop's work per batch."""
+    params = [q for g in optimizer.param_groups for q in g["params"]]
+    n = args.steps + args.warmup
+    indices = [i % len(ds) for i in range(n * args.batch_size)]
+    loader = train_data.make_loader(ds, indices, args.batch_size, collate, args.num_workers, 0)
+    full, wait = [], []
+    t0 = time.perf_counter()
+    for i, batch in enumerate(loader):
+        t_ready = time.perf_counter()
+        batch = train_data.to_device(batch, device)
+        fwd_bwd(model, batch)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        t1 = time.perf_counter()
+        if i >= args.warmup:
+            full.append(t1 - t0)
+            wait.append(t_ready - t0)
+        t0 = t1
+    return full, wait
+
+
+def time_bare_steps(model, batch, n, warmup, sync):
+    """Seconds per bare forward + backward on one fixed batch already on the device."""
+    bare = []
+    for i in range(n):
+        sync()
+        t = time.perf_counter()
+        fwd_bwd(model, batch)
+        model.zero_grad(set_to_none=True)
+        sync()
+        if i >= warmup:
+            bare.append(time.perf_counter() - t)
+    return bare
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # ---- Model
@@ -64,45 +109,10 @@ def main(argv=None):
     collate = data.make_collate_fn(processor)
     optimizer = tr.build_optimizer(model, 1e-4, 5e-4, 0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, tr.lr_lambda(10, 1000))
-    params = [q for g in optimizer.param_groups for q in g["params"]]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    def fwd_bwd(batch):
-        loss = mvr.regression_loss(model(**batch).float(), batch["targets"])[0]
-        loss.backward()
-        return loss
-
-    # full step, exactly the training loop's work per batch
-    n = args.steps + args.warmup
-    indices = list(range(n * args.batch_size))
-    loader = train_data.make_loader(ds, [i % len(ds) for i in indices], args.batch_size, collate, args.num_workers, 0)
-    full, wait = [], []
-    t0 = time.perf_counter()
-    for i, batch in enumerate(loader):
-        t_ready = time.perf_counter()
-        batch = train_data.to_device(batch, device)
-        fwd_bwd(batch)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        sync()
-        t1 = time.perf_counter()
-        if i >= args.warmup:
-            full.append(t1 - t0)
-            wait.append(t_ready - t0)
-        t0 = t1
-    # bare forward + backward on one fixed batch already on the device
+    full, wait = time_full_steps(model, ds, collate, optimizer, scheduler, args, device, sync)
     batch = train_data.to_device(collate([ds[i] for i in range(args.batch_size)]), device)
-    bare = []
-    for i in range(n):
-        sync()
-        t = time.perf_counter()
-        fwd_bwd(batch)
-        model.zero_grad(set_to_none=True)
-        sync()
-        if i >= args.warmup:
-            bare.append(time.perf_counter() - t)
+    bare = time_bare_steps(model, batch, args.steps + args.warmup, args.warmup, sync)
 
     full_ms, bare_ms = statistics.median(full) * 1e3, statistics.median(bare) * 1e3
     out = {
