@@ -41,6 +41,8 @@ def load(*args, **kwargs):
 
 @pytest.mark.parametrize("split", ["train", "val", "test"])
 def test_fsc147_records_match_annotations(fsc, split):
+    """Each split's records are the annotation's points in the frame of the file on disk (never rescaled by the
+    annotation's H/W); the corrupt image and the clipped point are counted."""
     root, info = fsc
     records, skipped = load("fsc147", root, split)
     expected = info["expected"][split]
@@ -57,6 +59,7 @@ def test_fsc147_records_match_annotations(fsc, split):
 
 
 def test_fsc147_filters(fsc):
+    """--object_types matches plural or singular names; --min_objects/--max_objects drop records and count them."""
     root, info = fsc
     records, skipped = load("fsc147", root, "train", object_types=["egg"], max_objects=12)
     assert [r.image_id for r in records] == ["4.jpg"]  # 2.jpg has 13 eggs, 3.jpg is sea shells
@@ -66,6 +69,7 @@ def test_fsc147_filters(fsc):
 
 
 def test_fsc147_errors_name_the_file(fsc, tmp_path):
+    """A missing or malformed file is a DataError naming the file (and the line and column of bad JSON)."""
     root, _ = fsc
     with pytest.raises(dataset.DataError, match="nope.*not found"):
         dataset.load_records("fsc147", os.path.join(root, "nope"))
@@ -89,6 +93,7 @@ def test_fsc147_errors_name_the_file(fsc, tmp_path):
 
 
 def test_omnicount_multilabel_counts_per_type(omni):
+    """One record per (image, object type): each type's box count, Roboflow's placeholder category no type."""
     root, info = omni
     records, skipped = load("omnicount", root, "train")
     expected = {("Fruits/train/" + f, t): n for (f, t), n in info["expected"][("Fruits", "train")].items()}
@@ -116,6 +121,7 @@ def test_omnicount_box_centres(omni):
 
 
 def test_omnicount_missing_split_warns_and_counts(omni):
+    """A category without the requested split is warned about and counted, the others load."""
     root, info = omni
     with pytest.warns(UserWarning, match="Household.*has no 'test' split"):
         records, skipped = dataset.load_records("omnicount", root, "test")
@@ -124,6 +130,7 @@ def test_omnicount_missing_split_warns_and_counts(omni):
 
 
 def test_omnicount_filters_and_errors(omni):
+    """Types filter case-insensitively in either number; unknown categories, types or roots are one-line errors."""
     root, info = omni
     records, _ = load("omnicount", root, "train", object_types=["apples", "Cups"])  # plural/case-insensitive
     exp = sum(1 for (_, t) in info["expected"][("Fruits", "train")] if t == "apple")
@@ -141,6 +148,7 @@ def test_omnicount_filters_and_errors(omni):
 
 
 def test_model_input_size_and_prepare_image(fsc):
+    """Images are resized once to the processor's own smart-resize size, and their points move with them."""
     assert dataset.model_input_size(576, 384) == (576, 384)  # FSC-147 keeps its size
     assert dataset.model_input_size(640, 640) == (640, 640)
     assert dataset.model_input_size(224, 224) == (224, 224)
@@ -158,6 +166,7 @@ def test_model_input_size_and_prepare_image(fsc):
 
 
 def test_counting_dataset_samples(fsc):
+    """A sample is a function of (seed, epoch, index): k objects marked in counting order, the target object k."""
     root, _ = fsc
     records, _ = load("fsc147", root, "train")
     ds = dataset.CountingDataset(records, "reading_order", seed=3)
@@ -219,6 +228,7 @@ def run_cli(*args):
 
 
 def test_cli_stats_json(fsc):
+    """--stats --json counts images, samples, objects and skips exactly; a bad root is a one-line error, exit 2."""
     root, info = fsc
     p = run_cli("--dataset", "fsc147", "--data_root", root, "--split", "train", "--stats", "--json")
     assert p.returncode == 0, p.stderr
@@ -237,6 +247,7 @@ def test_cli_stats_json(fsc):
 
 @pytest.mark.parametrize("fmt", ["fsc147", "omnicount"])
 def test_make_synthetic_then_real_loader(fmt, tmp_path):
+    """Synthetic data written in a real layout loads back through the real loader with the same points."""
     out = str(tmp_path / fmt)
     p = run_cli("--make_synthetic", "--format", fmt, "--out", out, "--num_images", "20", "--seed", "5",
                 "--synthetic_distractor_types", "2")  # several types per image: OmniCount's multi-label case
@@ -257,6 +268,7 @@ def test_make_synthetic_then_real_loader(fmt, tmp_path):
 
 
 def test_cli_preview(tmp_path):
+    """--preview writes the asked number of captioned sample images."""
     out = tmp_path / "prev"
     p = run_cli("--preview", "3", "--out", str(out), "--synthetic_num_train", "10")
     assert p.returncode == 0, p.stderr

@@ -98,6 +98,8 @@ def fixture_records(tmp_path_factory):
 
 
 def test_stop_rule_each_reason():
+    """Counting stops on (-1, -1) within the threshold ('done', which wins) or on a point within the stop radius of a
+    mark ('repeat'); max_steps is 2 x the largest count + 5, capped."""
     marked = np.array([[20.0, 20.0]])
     norm = lambda x, y: utils.normalize_points([x, y], 64, 64)[0]  # noqa: E731
     assert ev.stop_reason([-0.97, -0.99], marked, 64, 64, 8) == "done"
@@ -122,6 +124,7 @@ def brute_force_matches(pred, gt, radius):
 
 
 def test_hungarian_matching_is_one_to_one_and_maximal():
+    """match_points finds the largest one-to-one matching within the radius: it must agree with brute force."""
     # nearest-first greedy pairs (5,0) with (0,0) and leaves (0,4) unmatched; the best has 2 pairs
     assert ev.match_points([(5, 0), (0, 4)], [(0, 0), (10, 0)], 6) == 2
     # least total distance pairs (0,0)-(-50,0) and (100,0)-(5,0): 0 pairs within 6 px; the best has 1
@@ -145,6 +148,8 @@ EXPECTED = {  # type: (pred count, stop reason, forward passes, predictions with
 
 @pytest.mark.parametrize("batch_size", [1, 2, 8])
 def test_counting_metrics_by_hand(tiny_processor, fixture_records, batch_size):
+    """Counting with a scripted model gives the counts, stop reasons, forward passes and metrics worked out by hand,
+    whatever the batch size."""
     model = ScriptedModel(tiny_processor, fixture_records, script_points())
     out = ev.count_records(model, tiny_processor, fixture_records, batch_size=batch_size, train_mean_count=2.5)
     preds = {p["object_type"]: p for p in out["predictions"]}
@@ -177,6 +182,7 @@ def test_counting_metrics_by_hand(tiny_processor, fixture_records, batch_size):
 
 
 def test_explicit_stop_settings(tiny_processor, fixture_records):
+    """max_steps, stop_radius and match_radius given explicitly change the stop and the matches as they say."""
     model = ScriptedModel(tiny_processor, fixture_records, script_points())
     eggs, cups = fixture_records[0], fixture_records[1]
     p = ev.count_records(model, tiny_processor, [eggs], max_steps=2)["predictions"][0]
@@ -248,6 +254,8 @@ def read_outputs(out):
 
 
 def test_cli_fsc147_from_run_dir(trained):
+    """The CLI on a run dir evaluates checkpoints/best with the run's data, ordering and pixel bounds, and writes
+    predictions in the file's frame, metrics, visualisations."""
     out = trained["root"] / "eval_fsc"
     ev.main(["--checkpoint", str(trained["run"]), "--output_dir", str(out), "--max_steps", "3", "--num_vis", "1"])
     metrics, preds = read_outputs(out)
@@ -283,6 +291,7 @@ def test_cli_fsc147_from_run_dir(trained):
 
 
 def test_cli_omnicount_and_checkpoint_resolution(trained):
+    """A step-N folder resolves to its run; another dataset given on the command line replaces the run's data."""
     run = trained["run"]
     step = os.path.realpath(run / "checkpoints" / "best")
     assert ev.resolve_checkpoint(str(run)) == (str(run / "checkpoints" / "best"), str(run))

@@ -10,6 +10,7 @@ import utils
 
 
 def test_normalize_convention_and_round_trip():
+    """Edges map to -1 and +1, pixel centres to half a pixel in; denormalize inverts normalize."""
     w, h = 576, 384
     edges = np.array([[0, 0], [w, h], [w / 2, h / 2], [0.5, 0.5]])
     n = utils.normalize_points(edges, w, h)
@@ -24,6 +25,7 @@ def test_normalize_convention_and_round_trip():
 
 @pytest.mark.parametrize("size", [(224, 224), (576, 384), (640, 640)])
 def test_mark_objects_changes_pixels_only_near_points(size):
+    """Marks change pixels near their points only, every point is marked, and the input image is untouched."""
     w, h = size
     img = Image.fromarray(np.full((h, w, 3), 90, np.uint8))
     before = np.array(img)
@@ -45,6 +47,7 @@ def test_mark_objects_changes_pixels_only_near_points(size):
 
 
 def test_mark_objects_many_labels_and_start_index():
+    """Thousands of labels draw; start_index sets the numbers drawn; no points leave the image as it was."""
     img = Image.new("RGB", (576, 384), (100, 120, 140))
     pts = np.random.default_rng(0).uniform(0, [576, 384], (1200, 2))
     out = utils.mark_objects(img, pts, start_index=5)
@@ -57,6 +60,7 @@ def test_mark_objects_many_labels_and_start_index():
 
 
 def test_draw_prediction_and_side_by_side():
+    """The prediction is a red cross, the ground truth a green ring; side_by_side pads to the taller image."""
     img = Image.new("RGB", (224, 224), (128, 128, 128))
     out = np.array(utils.draw_prediction(img, (50.5, 60.5), (150.5, 160.5)))
     assert out[60, 50].tolist() == [255, 0, 0]  # red cross centre
@@ -72,6 +76,7 @@ def test_draw_prediction_and_side_by_side():
 
 @pytest.mark.parametrize("strategy", utils.ORDERINGS)
 def test_order_points_is_deterministic_permutation(strategy):
+    """Every ordering is a permutation that does not change between calls, even with duplicate points."""
     pts = np.random.default_rng(0).uniform(0, 500, (300, 2)).astype(np.float32)
     pts[10] = pts[20]  # an exact duplicate must not break ties differently between runs
     o = utils.order_points(pts, strategy)
@@ -97,6 +102,7 @@ def test_reading_order_on_jittered_grid(spacing):
 
 
 def test_left_to_right_and_nearest_neighbor_rules():
+    """left_to_right sorts by x; nearest_neighbor starts top-left and always goes to the nearest unvisited point."""
     rng = np.random.default_rng(2)
     pts = rng.uniform(0, 400, (200, 2))
     o = utils.order_points(pts, "left_to_right")
@@ -109,6 +115,7 @@ def test_left_to_right_and_nearest_neighbor_rules():
 
 
 def test_nearest_neighbor_is_fast_on_fsc_largest_image():
+    """nearest_neighbor on FSC-147's largest image (3,731 points) takes well under a second."""
     pts = np.random.default_rng(3).uniform(0, [576, 384], (3731, 2))
     t = time.perf_counter()
     utils.order_points(pts, "nearest_neighbor")
