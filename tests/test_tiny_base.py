@@ -31,7 +31,7 @@ def test_sample_is_a_pure_function_of_its_key():
 def _short_run(out):
     return pt.train(pt.parse_args(["--out", str(out), "--steps", "6", "--batch_size", "2", "--warmup", "3",
                                    "--eval_every", "3", "--val_images", "4", "--unmarked_fraction", "0.5",
-                                   "--threads", "1"]))
+                                   "--curriculum_steps", "4", "--threads", "1"]))
 
 
 def test_pretraining_is_bit_identical_for_a_seed_and_records_its_hash(tmp_path):
