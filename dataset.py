@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import counting
 import synthetic_data as synth
 import utils
 from prompt import encode_batch, object_names, prompt_text
@@ -33,6 +34,8 @@ RESIZE_FACTOR = 32
 MIN_PIXELS = 32 * 32 * 4  # the processor's own floor; tiny images are upscaled to at least 2x2 merged tokens
 MAX_PIXELS = 640 * 640  # FSC-147 (384 x ~576) and OmniCount (640x640) keep their size: no detail lost before marking
 DATASETS = ("synthetic", "fsc147", "omnicount")
+# Share of training samples with every object marked, the stop head's positive class. FIXME measured default.
+DONE_FRACTION = 0.25
 
 
 # -----------------------------------------------------------------------------
@@ -49,6 +52,9 @@ class CountingRecord:
     height: int | None = None
     synthetic_seed: tuple | None = None  # synthetic images are re-rendered from (seed, split, index) when loaded
     synthetic: synth.SyntheticConfig | None = None
+    # typical object size in pixels of the image as loaded (median shorter box side; synthetic: median diameter), from
+    # the data where it gives one (FSC-147's exemplar boxes, OmniCount's boxes); it sizes marks and the repeat rule
+    object_size: float | None = None
 
     def load_image(self):
         """The RGB PIL image the points refer to. Raises OSError for a missing, unreadable or truncated file."""
@@ -65,9 +71,10 @@ def _split_name(dataset, split):
 
 
 def load_records(dataset, data_root=None, split="train", categories=None, object_types=None, min_objects=1,
-                 max_objects=None, seed=0, synthetic=None):
+                 max_objects=None, seed=0, synthetic=None, annotation_file=None):
     """(records, skipped) for one split. `skipped` maps a reason to a count (images skipped, points clipped, ...).
-    Raises DataError with a one-line message for anything that makes the request itself wrong."""
+    Raises DataError with a one-line message for anything that makes the request itself wrong. annotation_file:
+    FSC-147 only, a points file in annotation_FSC147_384.json's format to use instead of it (e.g. corrected points)."""
     skipped = Counter()
     split = _split_name(dataset, split)
     if dataset == "synthetic":
@@ -82,8 +89,10 @@ def load_records(dataset, data_root=None, split="train", categories=None, object
         if dataset == "fsc147":
             if categories:
                 raise DataError("--categories applies to --dataset omnicount only (FSC-147 has no categories)")
-            records = _fsc147_records(data_root, split, skipped)
+            records = _fsc147_records(data_root, split, skipped, annotation_file)
         else:
+            if annotation_file:
+                raise DataError("--annotation_file applies to --dataset fsc147 only")
             records = _omnicount_records(data_root, split, categories, skipped)
     else:
         raise DataError(f"unknown dataset {dataset!r}; choose from {DATASETS}")
@@ -157,8 +166,8 @@ def _clip_points(points, w, h, skipped):
     return clipped
 
 
-def _fsc147_records(root, split, skipped):
-    ann_path = os.path.join(root, "annotation_FSC147_384.json")
+def _fsc147_records(root, split, skipped, annotation_file=None):
+    ann_path = annotation_file or os.path.join(root, "annotation_FSC147_384.json")
     split_path = os.path.join(root, "Train_Test_Val_FSC_147.json")
     class_path = os.path.join(root, "ImageClasses_FSC147.txt")
     image_dir = os.path.join(root, "images_384_VarV2")
@@ -195,8 +204,24 @@ def _fsc147_records(root, split, skipped):
             continue
         # points are in the frame of the file on disk; ann["H"], ann["W"] are the ORIGINAL size and never used
         pts = _clip_points(ann.get("points", []), *size, skipped)
-        records.append(CountingRecord(name, classes[name], pts, path, *size))
+        records.append(CountingRecord(name, classes[name], pts, path, *size,
+                                      object_size=_exemplar_size(ann.get("box_examples_coordinates"))))
     return records
+
+
+def _exemplar_size(boxes):
+    """Median shorter side of FSC-147's exemplar boxes (4 corners each, corner 0 = (x1, y1), corner 2 = (x2, y2)),
+    or None when there are none."""
+    sides = []
+    for b in boxes or []:
+        try:
+            (x1, y1), (x2, y2) = b[0], b[2]
+        except (TypeError, ValueError, IndexError):
+            continue
+        side = min(abs(float(x2) - float(x1)), abs(float(y2) - float(y1)))
+        if np.isfinite(side) and side > 0:
+            sides.append(side)
+    return float(np.median(sides)) if sides else None
 
 
 def _omnicount_records(root, split, categories, skipped):
@@ -235,7 +260,7 @@ def _coco_records(coco, image_dir, id_prefix, skipped):
             skipped["unknown_category_id"] += 1
             continue
         x, y, w, h = a["bbox"]
-        centres.setdefault((a["image_id"], a["category_id"]), []).append((x + w / 2, y + h / 2))
+        centres.setdefault((a["image_id"], a["category_id"]), []).append((x + w / 2, y + h / 2, min(w, h)))
     by_image = {}
     for (image_id, cat_id), pts in centres.items():
         by_image.setdefault(image_id, []).append((cat_id, pts))
@@ -251,9 +276,11 @@ def _coco_records(coco, image_dir, id_prefix, skipped):
             continue
         if (im.get("width"), im.get("height")) != tuple(size):
             skipped["size_mismatch"] += 1  # trust the file: it is what gets marked and shown to the model
-        for cat_id, pts in sorted(groups, key=lambda g: names[g[0]]):
+        for cat_id, objs in sorted(groups, key=lambda g: names[g[0]]):
+            sides = [o[2] for o in objs if o[2] > 0]
             records.append(CountingRecord(id_prefix + im["file_name"], names[cat_id],
-                                          _clip_points(pts, *size, skipped), path, *size))
+                                          _clip_points([o[:2] for o in objs], *size, skipped), path, *size,
+                                          object_size=float(np.median(sides)) if sides else None))
     records.sort(key=lambda r: (r.image_id, r.object_type))
     return records
 
@@ -267,8 +294,9 @@ def _synthetic_records(cfg, split, seed):
         key = (int(seed), synth.SPLIT_SEEDS[split], i)
         layout = synth.synthetic_layout(key, cfg)
         for t, pts in synth.synthetic_points(layout).items():
+            size = float(np.median([2 * o[3] for o in layout["objects"] if o[0] == t]))
             records.append(CountingRecord(f"synthetic-{split}-{i:06d}", t, pts, None, cfg.image_size,
-                                          cfg.image_size, synthetic_seed=key, synthetic=cfg))
+                                          cfg.image_size, synthetic_seed=key, synthetic=cfg, object_size=size))
     return records
 
 
@@ -296,6 +324,14 @@ def prepare_image(record, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
     return image, points
 
 
+def object_size_in(record, model_size):
+    """The record's object size in pixels of the model-input frame of size (w, h), or None."""
+    if record.object_size is None:
+        return None
+    w, h = (record.width, record.height) if record.width and record.height else record.load_image().size
+    return float(record.object_size) * float(np.sqrt(model_size[0] / w * model_size[1] / h))
+
+
 @dataclass
 class CountingSample:
     image: Image.Image  # resized to the model's input size, first num_marked objects marked 1..k
@@ -317,7 +353,7 @@ class CountingDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, records, ordering="reading_order", min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS,
-                 done_fraction=0.0, seed=0):
+                 done_fraction=0.0, seed=0, mark_style="auto"):
         if ordering not in utils.ORDERINGS:
             raise ValueError(f"unknown ordering {ordering!r}; choose from {utils.ORDERINGS}")
         if not records:
@@ -325,6 +361,9 @@ class CountingDataset(torch.utils.data.Dataset):
         self.records, self.ordering = list(records), ordering
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.done_fraction, self.seed, self.epoch = float(done_fraction), int(seed), 0
+        if mark_style not in counting.MARK_STYLES:
+            raise ValueError(f"unknown mark style {mark_style!r}; choose from {counting.MARK_STYLES}")
+        self.mark_style = mark_style
         self.skipped = 0
         self._bad = set()
         self._orders = {}
@@ -366,7 +405,15 @@ class CountingDataset(torch.utils.data.Dataset):
             k, target = n, np.array([-1.0, -1.0], np.float32)
         else:
             target = utils.normalize_points(pts[k], *image.size)[0]
-        return CountingSample(utils.mark_objects(image, pts[:k]), rec.object_type, k, target, pts, rec.image_id, done)
+        return CountingSample(self.mark(image, pts[:k], object_size_in(rec, image.size)), rec.object_type, k, target,
+                              pts, rec.image_id, done)
+
+    def mark(self, image, marked, object_size):
+        """The image with `marked` drawn as evaluation draws them after counting those points (counting.mark_spec:
+        the scale is min(object size, spacing of the marked points))."""
+        spec = counting.mark_spec(counting.protocol_scale(marked, object_size), *image.size, len(marked),
+                                  self.mark_style)
+        return counting.draw_marks(image, marked, spec)
 
 
 def make_collate_fn(processor, ordering="reading_order"):
@@ -377,6 +424,7 @@ def make_collate_fn(processor, ordering="reading_order"):
         out = encode_batch(processor, [s.image for s in samples], [s.object_type for s in samples],
                            [s.num_marked for s in samples], ordering)
         out["targets"] = torch.from_numpy(np.stack([s.target for s in samples]).astype(np.float32))
+        out["done"] = torch.tensor([float(s.done) for s in samples], dtype=torch.float32)
         return out
 
     return collate
@@ -398,7 +446,12 @@ def add_data_args(parser):
     g.add_argument("--ordering", default="reading_order", choices=utils.ORDERINGS, help="the counting order")
     g.add_argument("--min_pixels", type=int, default=MIN_PIXELS, help="images below this many pixels are enlarged")
     g.add_argument("--max_pixels", type=int, default=MAX_PIXELS, help="images above this many pixels are shrunk")
-    g.add_argument("--done_fraction", type=float, default=0.0, help="share of 'all marked' samples, target (-1,-1)")
+    g.add_argument("--done_fraction", type=float, default=DONE_FRACTION,
+                   help="share of 'all marked' training samples (the stop head's positives)")
+    g.add_argument("--mark_style", default="auto", choices=counting.MARK_STYLES,
+                   help="numbered labels, dots, or labels where they fit and dots where they would hide objects")
+    g.add_argument("--annotation_file", default=None,
+                   help="fsc147: points file to use instead of annotation_FSC147_384.json (e.g. corrected points)")
     g = parser.add_argument_group("synthetic data (--dataset synthetic)")
     d = synth.SyntheticConfig()
     g.add_argument("--synthetic_image_size", type=int, default=d.image_size, help="image side in pixels")
@@ -428,7 +481,26 @@ def synthetic_config_from_args(args):
 def records_from_args(args, split):
     return load_records(args.dataset, args.data_root, split, categories=args.categories,
                         object_types=args.object_types, min_objects=args.min_objects, max_objects=args.max_objects,
-                        seed=getattr(args, "seed", 0), synthetic=synthetic_config_from_args(args))
+                        seed=getattr(args, "seed", 0), synthetic=synthetic_config_from_args(args),
+                        annotation_file=getattr(args, "annotation_file", None))
+
+
+def targets_hidden_by_marks(ds, num_samples=200, seed=0):
+    """Share of sampled training targets whose pixel lies under the marks of the objects counted before them, with
+    marks laid out as ds draws them (its mark style and min/max pixels)."""
+    rng = np.random.default_rng([seed, 13])
+    ks, hidden = 0, 0
+    for i in rng.choice(len(ds), min(num_samples, len(ds)), replace=False).tolist():
+        rec = ds.records[i]
+        if len(rec.points) < 2:
+            continue
+        w, h = model_input_size(rec.width, rec.height, ds.min_pixels, ds.max_pixels) if rec.width else \
+            prepare_image(rec, ds.min_pixels, ds.max_pixels)[0].size
+        pts = np.asarray(rec.points, np.float64) * [w / (rec.width or w), h / (rec.height or h)]
+        k = int(np.random.default_rng([seed, i]).integers(1, len(pts)))
+        hidden += counting.hidden_share(pts, ds.order(i), [k], object_size_in(rec, (w, h)), w, h, ds.mark_style)
+        ks += 1
+    return hidden / ks if ks else 0.0
 
 
 def dataset_stats(records, skipped, dataset, split):
@@ -455,6 +527,8 @@ def _print_stats(s):
         print(f"  {t:<{width}}  {v['samples']:>8}  {v['objects']:>8}")
     if s["skipped"]:
         print("  skipped/clipped: " + ", ".join(f"{k} {v}" for k, v in s["skipped"].items()))
+    if "targets_hidden_by_marks" in s:
+        print(f"  targets hidden by earlier marks: {100 * s['targets_hidden_by_marks']:.1f}% of sampled targets")
 
 
 def write_previews(ds, num, out, seed=0):
@@ -504,12 +578,15 @@ def main(argv=None):
             records, skipped = records_from_args(args, args.split)
         if args.stats:
             s = dataset_stats(records, skipped, args.dataset, _split_name(args.dataset, args.split))
+            ds = CountingDataset(records, args.ordering, args.min_pixels, args.max_pixels, seed=args.seed,
+                                 mark_style=args.mark_style)
+            s["targets_hidden_by_marks"] = round(targets_hidden_by_marks(ds, seed=args.seed), 4)
             print(json.dumps(s)) if args.json else _print_stats(s)
         if args.preview:
             if not args.out:
                 parser.error("--preview needs --out")
             ds = CountingDataset(records, args.ordering, args.min_pixels, args.max_pixels, args.done_fraction,
-                                 args.seed)
+                                 args.seed, args.mark_style)
             paths = write_previews(ds, args.preview, args.out, args.seed)
             print(f"wrote {len(paths)} previews to {args.out}" + (f" ({ds.skipped} unreadable images)" if ds.skipped else ""))
     except DataError as e:

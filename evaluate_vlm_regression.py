@@ -16,6 +16,7 @@ vis/*.png. See docs/EVALUATION.md.
 """
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -27,18 +28,22 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import counting
 import dataset as data
 import model_vlm_regression as mvr
 import utils
 from prompt import encode_batch
 
-# A prediction this close to (-1, -1) in normalized units (both coordinates) means "all counted": 0.05 is 2.5% of the
-# image side from the top-left corner, where a real object's centre rarely lies.
-DONE_THRESHOLD = 0.05
+# The stop head says "all objects are marked" when its probability exceeds this.
+DONE_THRESHOLD = 0.5
+# --stop_rule coordinate (runs trained before the stop head): a prediction this close to (-1, -1) in normalized units
+# (both coordinates) means "all counted", 2.5% of the image side from the top-left corner. It stops at 0 on an image
+# with an object there (docs/EVALUATION.md), which is why the stop head replaced it.
+DONE_CORNER_MARGIN = 0.05
 # max_steps defaults to 2 x the largest ground-truth count of the evaluated images + 5 (room for over-counting, the
-# error we want to see), capped: FSC-147's largest image holds 3,731 objects, and a model that never stops should not
-# burn more forward passes than that on one image.
-MAX_STEPS_CAP = 4000
+# error we want to see), capped: FSC-147's largest image holds 3,731 objects, so a model that never stops burns at
+# most about twice that many forward passes on one image, and a perfect one still reaches its "done" at 4,000.
+MAX_STEPS_CAP = 8000
 STOP_REASONS = ("done", "repeat", "max_steps")
 
 
@@ -50,19 +55,23 @@ def default_max_steps(records):
     return min(2 * max((len(r.points) for r in records), default=0) + 5, MAX_STEPS_CAP)
 
 
-def stop_reason(pred, marked, width, height, stop_radius, done_threshold=DONE_THRESHOLD):
-    """Why counting stops at this prediction, or None to count it. pred: normalized (2,); marked: (k, 2) pixels of
-    the objects counted so far, in the model-input frame of size (width, height).
-    'done': the model answers (-1, -1), as trained with --done_fraction. 'repeat': it points at an object it already
-    counted (within stop_radius px of a mark), which is what a model trained without DONE samples does when none is
-    left; the point is not counted."""
+def stop_reason(pred, p_done, marked, width, height, repeat_radius, done_threshold=DONE_THRESHOLD):
+    """Why counting stops at this prediction, or None to count it. pred: normalized (2,); p_done: the stop head's
+    probability, or None for the coordinate rule; marked: (k, 2) pixels of the objects counted so far, in the
+    model-input frame of size (width, height).
+    'done': the stop head's probability exceeds done_threshold (coordinate rule: the model answers (-1, -1)).
+    'repeat': it points at an object it already counted (within repeat_radius px of one; None: no repeat rule);
+    the point is not counted."""
     pred = np.asarray(pred, np.float64).reshape(2)
-    if pred[0] <= -1 + done_threshold and pred[1] <= -1 + done_threshold:
+    if p_done is None:
+        if pred[0] <= -1 + DONE_CORNER_MARGIN and pred[1] <= -1 + DONE_CORNER_MARGIN:
+            return "done"
+    elif p_done > done_threshold:
         return "done"
     marked = np.asarray(marked, np.float64).reshape(-1, 2)
-    if len(marked):
+    if len(marked) and repeat_radius is not None:
         xy = utils.denormalize_points(pred, width, height)[0]
-        if np.linalg.norm(marked - xy, axis=1).min() <= stop_radius:
+        if np.linalg.norm(marked - xy, axis=1).min() <= repeat_radius:
             return "repeat"
     return None
 
@@ -109,7 +118,11 @@ def count_metrics(predictions, train_mean_count=None):
         "stop_reasons": {k: v for k, v in Counter(p["stop_reason"] for p in predictions).items()},
         "gt_count_mean": float(gt.mean()) if n else None,
         "pred_count_mean": float(pred.mean()) if n else None,
+        "per_count_bin": counting.per_count_bin(predictions),
+        "per_object_type": counting.per_group(predictions, lambda p: p["object_type"]),
     }
+    if any("/" in p["image"] for p in predictions):  # OmniCount ids are <category>/<split>/<file>
+        m["per_category"] = counting.per_group(predictions, lambda p: p["image"].split("/", 1)[0])
     if train_mean_count is not None:
         base = float(train_mean_count) - gt
         m["train_mean_count"] = float(train_mean_count)
@@ -121,6 +134,18 @@ def count_metrics(predictions, train_mean_count=None):
 def _model_device(model):
     p = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
     return p.device if p is not None else torch.device("cpu")
+
+
+def protocol_settings(model, stop_rule=None, mark_style=None):
+    """(stop_rule, mark_style): given, else the model's training config, else what the model has (a stop head, or
+    the oracle: "head" and "auto"). A model without either record or head predates them: it stopped on (-1, -1) and
+    drew numbered labels, and is counted so again."""
+    cfg = getattr(model, "config", None)
+    cfg = cfg if isinstance(cfg, dict) else {}
+    has_head = isinstance(model, counting.Oracle) or getattr(model, "done_head", None) is not None
+    stop_rule = stop_rule or cfg.get("stop_rule") or ("head" if has_head else "coordinate")
+    mark_style = mark_style or cfg.get("mark_style") or ("auto" if has_head else "numbers")
+    return stop_rule, mark_style
 
 
 def _data_settings(model, ordering, min_pixels, max_pixels):
@@ -148,27 +173,57 @@ def _to_original_frame(points, record, model_size):
 # Sequential counting
 
 
-def _start_counting(i, record, min_pixels, max_pixels):
+def _start_counting(i, record, min_pixels, max_pixels, ordering):
     """The counting state of record i: its image loaded and resized once (as in training), nothing counted yet."""
     image, gt = data.prepare_image(record, min_pixels, max_pixels)
     w, h = image.size
-    return {"i": i, "record": record, "marked": image, "size": (w, h), "gt": gt, "points": [],
-            "mark_radius": utils.mark_radius(w, h)}
+    return {"i": i, "key": i, "record": record, "clean": image, "marked": image, "size": (w, h),
+            "gt": gt[utils.order_points(gt, ordering)] if len(gt) else gt, "points": [], "spec": None,
+            "object_size": data.object_size_in(record, (w, h)), "mark_radius": utils.mark_radius(w, h)}
 
 
-def _count_step(s, pred, stop_radius, done_threshold, max_steps):
-    """Take the model's prediction for counting state s: why counting stops, or None after marking and counting it.
-    Only the new label is pasted onto the image already marked (utils.mark_objects draws labels in order, so this
-    equals marking all points at once)."""
+def _predict(model, processor, active, ordering, device):
+    """(normalized (B, 2) points, (B,) stop probabilities or None) of the model, or of counting.Oracle, for the
+    active counting states."""
+    if isinstance(model, counting.Oracle):
+        return model.predict(active)
+    batch = encode_batch(processor, [s["marked"] for s in active], [s["record"].object_type for s in active],
+                         [len(s["points"]) for s in active], ordering)
+    pred = model(**{k: v.to(device) for k, v in batch.items()}).float().cpu().numpy()
+    return pred[:, :2], (1 / (1 + np.exp(-pred[:, 2])) if pred.shape[1] == 3 else None)
+
+
+def _repeat_radius(s, protocol):
+    """The repeat rule's radius for state s: fixed by the caller, the mark radius under the coordinate rule (as
+    the original protocol), else counting.repeat_radius of the protocol's scale."""
+    if protocol["repeat_radius"] is not None:
+        return protocol["repeat_radius"]
+    if protocol["stop_rule"] == "coordinate":
+        return s["mark_radius"]
+    return counting.repeat_radius(counting.protocol_scale(s["points"], s["object_size"]))
+
+
+def _remark(s, protocol):
+    """Mark the counted points as training draws them: only the new mark is pasted while the marks' style and size
+    stay the same (later marks cover earlier ones, so this equals drawing all at once); all are redrawn on the clean
+    image when the scale changes them."""
+    w, h = s["size"]
+    pts, k = np.asarray(s["points"], np.float64).reshape(-1, 2), len(s["points"])
+    spec = counting.mark_spec(counting.protocol_scale(pts, s["object_size"]), w, h, k, protocol["mark_style"])
+    if spec == s["spec"]:
+        s["marked"] = counting.draw_marks(s["marked"], pts[-1:], spec, start_index=k)
+    else:
+        s["marked"], s["spec"] = counting.draw_marks(s["clean"], pts, spec), spec
+
+
+def _count_step(s, xy_norm, p_done, protocol, max_steps):
+    """Take one prediction for counting state s: why counting stops, or None after counting and marking it."""
     s["steps"] = len(s["points"]) + 1
     w, h = s["size"]
-    radius = stop_radius if stop_radius is not None else s["mark_radius"]
-    reason = stop_reason(pred, s["points"], w, h, radius, done_threshold)
+    reason = stop_reason(xy_norm, p_done, s["points"], w, h, _repeat_radius(s, protocol), protocol["done_threshold"])
     if reason is None:
-        xy = utils.denormalize_points(pred, w, h)[0]
-        s["marked"] = utils.mark_objects(s["marked"], xy[None], start_index=len(s["points"]) + 1,
-                                         radius=s["mark_radius"])
-        s["points"].append(xy.astype(np.float64))
+        s["points"].append(utils.denormalize_points(xy_norm, w, h)[0].astype(np.float64))
+        _remark(s, protocol)
         if len(s["points"]) >= max_steps:
             reason = "max_steps"
     return reason
@@ -186,20 +241,28 @@ def _count_result(s, reason, match_radius):
 @torch.no_grad()
 def count_records(model, processor, records, *, ordering=None, min_pixels=None, max_pixels=None, batch_size=8,
                   stop_radius=None, max_steps=None, match_radius=None, train_mean_count=None,
-                  done_threshold=DONE_THRESHOLD, progress=False):
+                  done_threshold=DONE_THRESHOLD, stop_rule=None, mark_style=None, progress=False):
     """Count the objects of each record one at a time: {"metrics": {...}, "predictions": [one dict per record]}.
 
-    Up to batch_size images advance together, one forward pass per step; an image that stops leaves the batch and
-    the next record takes its place. Distances (stop_radius, match_radius) are pixels of the model-input frame;
-    None = the image's mark radius (utils.mark_radius: a prediction on a drawn label repeats a counted object).
-    ordering/min_pixels/max_pixels None = the model's training config. Reported points are in the original frame.
+    model: a VLMRegressionModel, or counting.Oracle (then processor is unused). Up to batch_size images advance
+    together, one forward pass per step; an image that stops leaves the batch and the next record takes its place.
+    stop_rule/mark_style None = the model's training config (counting.py explains the protocol); stop_radius (the
+    repeat rule's radius) None = from the protocol's scale; match_radius None = the image's mark radius
+    (utils.mark_radius). Distances are pixels of the model-input frame; reported points are in the original frame.
+    ordering/min_pixels/max_pixels None = the model's training config.
     """
     ordering, min_pixels, max_pixels = _data_settings(model, ordering, min_pixels, max_pixels)
+    stop_rule, mark_style = protocol_settings(model, stop_rule, mark_style)
+    protocol = {"stop_rule": stop_rule, "mark_style": mark_style, "done_threshold": done_threshold,
+                "repeat_radius": stop_radius}
     max_steps = int(max_steps) if max_steps else default_max_steps(records)
     device = _model_device(model)
     was_training = getattr(model, "training", False)
     if isinstance(model, torch.nn.Module):
         model.eval()
+        if stop_rule == "head" and getattr(model, "done_head", None) is None:
+            raise ValueError("--stop_rule head needs a model trained with a stop head (this one stops on (-1, -1): "
+                             "use --stop_rule coordinate)")
     queue = iter(enumerate(records))
     active, results, skipped, forwards = [], [None] * len(records), 0, 0
     bar = tqdm(total=len(records), desc="counting", unit="img", disable=not progress, dynamic_ncols=True,
@@ -211,7 +274,7 @@ def count_records(model, processor, records, *, ordering=None, min_pixels=None, 
         while len(active) < batch_size and (nxt := next(queue, None)) is not None:
             i, rec = nxt
             try:
-                active.append(_start_counting(i, rec, min_pixels, max_pixels))
+                active.append(_start_counting(i, rec, min_pixels, max_pixels, ordering))
             except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for missing/corrupt/truncated files
                 warnings.warn(f"{rec.image_path or rec.image_id}: unreadable image ({e}); not evaluated")
                 skipped += 1
@@ -220,13 +283,13 @@ def count_records(model, processor, records, *, ordering=None, min_pixels=None, 
     try:
         admit()
         while active:
-            batch = encode_batch(processor, [s["marked"] for s in active], [s["record"].object_type for s in active],
-                                 [len(s["points"]) for s in active], ordering)
-            pred = model(**{k: v.to(device) for k, v in batch.items()}).float().cpu().numpy()
+            xy, p_done = _predict(model, processor, active, ordering, device)
+            if stop_rule == "coordinate":
+                p_done = None
             forwards += len(active)
             still = []
-            for s, p in zip(active, pred):
-                reason = _count_step(s, p, stop_radius, done_threshold, max_steps)
+            for j, s in enumerate(active):
+                reason = _count_step(s, xy[j], None if p_done is None else float(p_done[j]), protocol, max_steps)
                 if reason:
                     results[s["i"]] = _count_result(s, reason, match_radius)
                     bar.update(1)
@@ -246,8 +309,9 @@ def count_records(model, processor, records, *, ordering=None, min_pixels=None, 
         images_per_s=len(predictions) / seconds if seconds > 0 else None, seconds=seconds, forward_passes=forwards,
         forwards_per_counted_object=forwards / counted if counted else None, skipped_images=skipped,
         settings={"ordering": ordering, "min_pixels": min_pixels, "max_pixels": max_pixels, "batch_size": batch_size,
-                  "max_steps": max_steps, "done_threshold": done_threshold,
-                  "stop_radius": "mark radius" if stop_radius is None else stop_radius,
+                  "max_steps": max_steps, "stop_rule": stop_rule, "mark_style": mark_style,
+                  "done_threshold": done_threshold if stop_rule == "head" else None,
+                  "repeat_radius": "protocol scale" if stop_radius is None else stop_radius,
                   "match_radius": "mark radius" if match_radius is None else match_radius})
     return {"metrics": metrics, "predictions": predictions}
 
@@ -277,7 +341,7 @@ def next_point_records(model, processor, records, *, ordering=None, min_pixels=N
                           file=sys.stderr):
             samples = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
             batch = {k: v.to(device) for k, v in collate(samples).items()}
-            pred = model(**batch).float().cpu().numpy()
+            pred = model(**batch).float().cpu().numpy()[:, :2]
             for s, p in zip(samples, pred):
                 w, h = s.image.size
                 k = s.num_marked
@@ -313,7 +377,7 @@ def next_point_records(model, processor, records, *, ordering=None, min_pixels=N
 # Visualisations
 
 
-def count_visualisation(record, prediction, min_pixels, max_pixels, ordering=None):
+def count_visualisation(record, prediction, min_pixels, max_pixels, ordering=None, mark_style="auto"):
     """(final marks as the model last saw them | ground truth as green circles), counts in the caption."""
     image, gt = data.prepare_image(record, min_pixels, max_pixels)
     w0, h0 = _original_size(record)
@@ -321,7 +385,9 @@ def count_visualisation(record, prediction, min_pixels, max_pixels, ordering=Non
     truth = image
     for g in gt:
         truth = utils.draw_prediction(truth, None, g)
-    panel = utils.side_by_side(utils.mark_objects(image, pts), truth)
+    scale = counting.protocol_scale(pts, data.object_size_in(record, image.size))
+    marked = counting.draw_marks(image, pts, counting.mark_spec(scale, *image.size, len(pts), mark_style))
+    panel = utils.side_by_side(marked, truth)
     return utils.add_caption(panel, f"{record.image_id} | {record.object_type}: predicted {prediction['pred_count']}"
                                     f", ground truth {prediction['gt_count']} (stop: {prediction['stop_reason']})")
 
@@ -360,9 +426,12 @@ def resolve_checkpoint(path):
 
 
 # Inherited from the run's config.json. Not min/max_objects: a test set is not filtered by a training budget.
-RUN_DATA_KEYS = ("dataset", "data_root", "categories", "object_types", "seed", "train_split", "synthetic_image_size",
-                 "synthetic_min_count", "synthetic_max_count", "synthetic_num_train", "synthetic_num_val",
-                 "synthetic_num_test", "synthetic_distractor_types")
+RUN_DATA_KEYS = ("dataset", "data_root", "categories", "object_types", "seed", "train_split", "annotation_file",
+                 "synthetic_image_size", "synthetic_min_count", "synthetic_max_count", "synthetic_num_train",
+                 "synthetic_num_val", "synthetic_num_test", "synthetic_distractor_types", "synthetic_min_radius",
+                 "synthetic_max_radius", "synthetic_background")
+# Inherited from the checkpoint's regression_config.json: how the model was trained to see and stop.
+MODEL_PROTOCOL_KEYS = ("ordering", "min_pixels", "max_pixels", "mark_style", "stop_rule")
 DATASET_SPECIFIC_KEYS = ("data_root", "categories", "object_types", "train_split")
 
 
@@ -378,14 +447,20 @@ def checkpoint_defaults(ckpt, run_dir, dataset=None):
             out = {k: v for k, v in out.items() if k not in DATASET_SPECIFIC_KEYS}
     with open(os.path.join(ckpt, "regression_config.json")) as f:
         reg = json.load(f)
-    out.update({k: reg[k] for k in ("ordering", "min_pixels", "max_pixels") if reg.get(k)})
+    out.update({k: reg[k] for k in MODEL_PROTOCOL_KEYS if reg.get(k)})
+    if "stop_rule" not in reg:  # trained before the stop head: its original protocol
+        out.update(stop_rule="coordinate", mark_style="numbers")
     return out
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # ---- Checkpoint and data
-    p.add_argument("--checkpoint", required=True, help="checkpoints/best|last, a step-N folder, or a run dir")
+    p.add_argument("--checkpoint", default=None, help="checkpoints/best|last, a step-N folder, or a run dir")
+    p.add_argument("--oracle", action="store_true",
+                   help="count with a scripted perfect model instead of a checkpoint (the protocol's own error)")
+    p.add_argument("--oracle_noise_px", type=float, default=0.0,
+                   help="--oracle: Gaussian noise of this many px added to each coordinate of its points")
     p.add_argument("--split", default="test", help="split to evaluate (val/valid, test, train)")
     p.add_argument("--train_split", default="train", help="split whose mean count is the baseline")
     p.add_argument("--num_images", type=int, default=0, help="evaluate the split's first N records; 0 = all")
@@ -396,13 +471,16 @@ def parse_args(argv=None):
                    help="count: sequential counting; next_point: teacher-forced next-point error")
     p.add_argument("--batch_size", type=int, default=8, help="images advancing together")
     p.add_argument("--stop_radius", type=float, default=None,
-                   help="stop when a prediction is this close (model-input px) to a marked object; default: the "
-                        "mark radius (~2%% of sqrt(area), 8 px at 224)")
+                   help="stop ('repeat') when a prediction is this close (model-input px) to a counted object; "
+                        "default: half the protocol's scale (counting.py; the mark radius under --stop_rule "
+                        "coordinate)")
+    p.add_argument("--stop_rule", default=None, choices=mvr.STOP_RULES,
+                   help="default: the checkpoint's (head with a stop head; coordinate for runs trained before it)")
     p.add_argument("--max_steps", type=int, default=None,
                    help="most objects counted per image; default: 2 x the largest ground-truth count + 5, at most "
                         f"{MAX_STEPS_CAP}")
     p.add_argument("--done_threshold", type=float, default=DONE_THRESHOLD,
-                   help="both normalized coordinates within this of -1 = 'all counted'")
+                   help="the stop head's probability above which all objects count as marked")
     p.add_argument("--match_radius", type=float, default=None,
                    help="a predicted point within this many model-input px of an object localises it; default: the "
                         "mark radius")
@@ -413,16 +491,24 @@ def parse_args(argv=None):
     p.add_argument("--wandb_mode", default="disabled", choices=("online", "offline", "disabled"),
                    help="log the metrics and visualisations to W&B")
     p.add_argument("--wandb_project", default="vlm-sequential-counting", help="W&B project")
-    p.set_defaults(dataset=None)  # None = not given: the run's dataset
+    p.set_defaults(dataset=None, mark_style=None)  # None = not given: the run's
     first, _ = p.parse_known_args(argv)
-    ckpt, run_dir = resolve_checkpoint(first.checkpoint)
-    p.set_defaults(**checkpoint_defaults(ckpt, run_dir, first.dataset))
+    if first.oracle == bool(first.checkpoint):
+        p.error("give --checkpoint, or --oracle to count with a scripted perfect model")
+    ckpt, run_dir = resolve_checkpoint(first.checkpoint) if first.checkpoint else (None, None)
+    if ckpt:
+        p.set_defaults(**checkpoint_defaults(ckpt, run_dir, first.dataset))
     args = p.parse_args(argv)
+    args.mark_style = args.mark_style or "auto"
+    if args.oracle and args.mode != "count":
+        p.error("--oracle counts (--mode count)")
     args.dataset = args.dataset or "synthetic"
     args.checkpoint_dir, args.run_dir = ckpt, run_dir
     if args.dataset != "synthetic" and not args.data_root:
         p.error(f"--data_root is required for --dataset {args.dataset}")
     if args.output_dir is None:
+        if args.oracle:
+            p.error("--oracle needs --output_dir")
         suffix = "-next_point" if args.mode == "next_point" else ""
         args.output_dir = os.path.join(run_dir or ckpt, "eval", f"{args.dataset}-{args.split}{suffix}")
     return args
@@ -443,24 +529,30 @@ def main(argv=None):
     records = records[: args.num_images] if args.num_images else records
     if not records:
         sys.exit(f"error: no records in {args.dataset} split {args.split!r}")
-    model, processor = mvr.VLMRegressionModel.from_pretrained(args.checkpoint_dir, device=device)
-    # our images arrive at model_input_size for these bounds, so the processor must not resize them again
-    processor.image_processor.size = dict(processor.image_processor.size, shortest_edge=args.min_pixels,
-                                          longest_edge=args.max_pixels)
-    print(f"evaluating {os.path.realpath(args.checkpoint_dir)} on {args.dataset} {args.split}: {len(records)} records, "
-          f"mode {args.mode}, device {device}", file=sys.stderr)
+    if args.oracle:
+        model, processor = counting.Oracle(args.oracle_noise_px, args.seed), None
+    else:
+        model, processor = mvr.VLMRegressionModel.from_pretrained(args.checkpoint_dir, device=device)
+        # our images arrive at model_input_size for these bounds, so the processor must not resize them again
+        processor.image_processor.size = dict(processor.image_processor.size, shortest_edge=args.min_pixels,
+                                              longest_edge=args.max_pixels)
+    source = "the oracle" if args.oracle else os.path.realpath(args.checkpoint_dir)
+    print(f"evaluating {source} on {args.dataset} {args.split}: {len(records)} records, mode {args.mode}, device "
+          f"{device}", file=sys.stderr)
     kw = dict(ordering=args.ordering, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
               batch_size=args.batch_size, match_radius=args.match_radius, progress=True)
     if args.mode == "count":
         train_mean = float(np.mean([len(r.points) for r in train_records])) if train_records else None
         out = count_records(model, processor, records, stop_radius=args.stop_radius, max_steps=args.max_steps,
-                            train_mean_count=train_mean, done_threshold=args.done_threshold, **kw)
-        draw = count_visualisation
+                            train_mean_count=train_mean, done_threshold=args.done_threshold,
+                            stop_rule=args.stop_rule, mark_style=args.mark_style, **kw)
+        draw = functools.partial(count_visualisation, mark_style=out["metrics"]["settings"]["mark_style"])
     else:
         out = next_point_records(model, processor, records, seed=args.seed + 1, **kw)  # +1: training's val seed
         draw = next_point_visualisation
-    metrics = dict(out["metrics"], mode=args.mode, checkpoint=os.path.realpath(args.checkpoint_dir),
-                   dataset=args.dataset, split=args.split)
+    metrics = dict(out["metrics"], mode=args.mode, dataset=args.dataset, split=args.split,
+                   checkpoint=None if args.oracle else os.path.realpath(args.checkpoint_dir),
+                   oracle={"noise_px": args.oracle_noise_px} if args.oracle else None)
 
     os.makedirs(os.path.join(args.output_dir, "vis"), exist_ok=True)
     utils.write_text_atomic(os.path.join(args.output_dir, "predictions.jsonl"),
@@ -495,10 +587,13 @@ def summary_line(m):
     base = (f" (mean-count baseline MAE {m['baseline_mean_count_mae']:.3f}, RMSE {m['baseline_mean_count_rmse']:.3f})"
             if m.get("baseline_mean_count_mae") is not None else "")
     fpo = m["forwards_per_counted_object"]
+    bins = "; ".join(f"{b}: {s['num_images']} images MAE {s['mae']:.2f} RMSE {s['rmse']:.2f} signed "
+                     f"{s['mean_signed_error']:+.2f}" for b, s in m.get("per_count_bin", {}).items() if s["num_images"])
     return (f"{m['num_images']} images: count MAE {m['mae']:.3f}, RMSE {m['rmse']:.3f}{base}; localisation P "
             f"{m['precision']:.3f} R {m['recall']:.3f} F1 {m['f1']:.3f}; stops {m['stop_reasons']}; mean steps "
             f"{m['mean_steps']:.2f}; {m['images_per_s']:.2f} images/s, "
-            f"{'n/a' if fpo is None else f'{fpo:.2f}'} forward passes per counted object")
+            f"{'n/a' if fpo is None else f'{fpo:.2f}'} forward passes per counted object"
+            + (f"\nby ground-truth count: {bins}" if bins else ""))
 
 
 if __name__ == "__main__":

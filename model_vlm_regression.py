@@ -125,10 +125,11 @@ def lora_config(r=LORA_R, alpha=LORA_ALPHA, dropout=LORA_DROPOUT, token_ids=()):
                       trainable_token_indices={"embed_tokens": list(token_ids)} if token_ids else None)
 
 
-def make_head(in_dim, hidden_dim=HEAD_HIDDEN_DIM, num_layers=MLP_LAYERS):
-    """LayerNorm, `num_layers` Linear+GELU blocks, Linear to 1, tanh. The LayerNorm makes the head's input scale
-    independent of the backbone (the 4B's final-norm outputs are far from unit scale); the last Linear starts
-    near zero so early predictions sit mid-range instead of at the tanh bounds, where gradients vanish."""
+def make_head(in_dim, hidden_dim=HEAD_HIDDEN_DIM, num_layers=MLP_LAYERS, tanh=True):
+    """LayerNorm, `num_layers` Linear+GELU blocks, Linear to 1, tanh (tanh=False: a logit). The LayerNorm makes the
+    head's input scale independent of the backbone (the 4B's final-norm outputs are far from unit scale); the last
+    Linear starts near zero so early predictions sit mid-range instead of at the tanh bounds, where gradients
+    vanish."""
 
     layers, d = [nn.LayerNorm(in_dim)], in_dim
     for _ in range(num_layers):
@@ -137,38 +138,73 @@ def make_head(in_dim, hidden_dim=HEAD_HIDDEN_DIM, num_layers=MLP_LAYERS):
     out = nn.Linear(d, 1)
     nn.init.normal_(out.weight, std=1e-3)
     nn.init.zeros_(out.bias)
-    return nn.Sequential(*layers, out, nn.Tanh())
+    return nn.Sequential(*layers, out, nn.Tanh()) if tanh else nn.Sequential(*layers, out)
 
 
-def regression_loss(pred, target):
-    """MSE(x) + MSE(y): (total, loss_x, loss_y)."""
+def regression_loss(pred, target, mask=None):
+    """MSE(x) + MSE(y) over the rows where mask is true (all rows if None): (total, loss_x, loss_y). With no row
+    left the losses are 0 (and still carry the graph, so every rank's backward sees the same parameters)."""
+    if mask is not None:
+        w = mask.float()
+        n = w.sum().clamp(min=1.0)
+        loss_x = (((pred[:, 0] - target[:, 0]) ** 2) * w).sum() / n
+        loss_y = (((pred[:, 1] - target[:, 1]) ** 2) * w).sum() / n
+        return loss_x + loss_y, loss_x, loss_y
     loss_x = ((pred[:, 0] - target[:, 0]) ** 2).mean()
     loss_y = ((pred[:, 1] - target[:, 1]) ** 2).mean()
     return loss_x + loss_y, loss_x, loss_y
 
 
-GROUPS = ("x_head", "y_head", "lora", "token_rows")  # what training must update; anything else is a bug
+def counting_loss(pred, target, done):
+    """(total, loss_x, loss_y, loss_done) of a batch. pred (B, 2): the coordinate stop rule, done samples are
+    trained towards (-1, -1) like any other target and loss_done is 0. pred (B, 3), a stop head: the coordinate
+    loss is masked on the done samples (the x/y heads are never pulled to a corner) and the stop logit adds its
+    binary cross-entropy."""
+    if pred.shape[1] == 2:
+        loss, loss_x, loss_y = regression_loss(pred, target)
+        return loss, loss_x, loss_y, torch.zeros((), device=pred.device)
+    loss, loss_x, loss_y = regression_loss(pred, target, mask=done < 0.5)
+    loss_done = nn.functional.binary_cross_entropy_with_logits(pred[:, 2], done)
+    return loss + loss_done, loss_x, loss_y, loss_done
+
+
+GROUPS = ("x_head", "y_head", "lora", "token_rows")  # what training must update (and done_head if present)
+HEADS = ("x_head", "y_head", "done_head")  # the fp32 heads: saved in heads.safetensors, trained at the heads' lr
+STOP_RULES = ("head", "coordinate")  # how counting stops: the stop head's probability, or a (-1, -1) prediction
 
 
 def param_group(name):
     """Which trainable group a parameter name belongs to."""
-    return ("x_head" if name.startswith("x_head.") else "y_head" if name.startswith("y_head.")
-            else "lora" if "lora_" in name else "token_rows" if "trainable_tokens" in name else "other")
+    head = name.split(".", 1)[0]
+    return (head if head in HEADS else "lora" if "lora_" in name else "token_rows" if "trainable_tokens" in name
+            else "other")
 
 
 class VLMRegressionModel(nn.Module):
-    """A peft-wrapped Qwen3-VL plus two fp32 heads; forward(**batch) -> (B, 2) predictions in [-1, 1]."""
+    """A peft-wrapped Qwen3-VL plus fp32 heads; forward(**batch) -> (B, 2) predictions in [-1, 1], or (B, 3) with
+    the stop head's logit ("all objects are marked") as the third column.
+
+    The stop head (stop_rule="head") reads the hidden states of both <x> and <y>, concatenated: the two tokens the
+    coordinate heads read, so it needs no extra prompt token and the prompt stays the original one."""
 
     def __init__(self, vlm, x_token_id, y_token_id, mlp_layers=MLP_LAYERS, head_hidden_dim=HEAD_HIDDEN_DIM,
-                 config=None):
+                 config=None, stop_rule="coordinate"):
         super().__init__()
+        if stop_rule not in STOP_RULES:
+            raise ValueError(f"unknown stop rule {stop_rule!r}; choose from {STOP_RULES}")
         self.vlm = vlm
         hidden = vlm.get_base_model().config.text_config.hidden_size
         self.x_head = make_head(hidden, head_hidden_dim, mlp_layers).float()
         self.y_head = make_head(hidden, head_hidden_dim, mlp_layers).float()
+        self.done_head = make_head(2 * hidden, head_hidden_dim, mlp_layers, tanh=False).float() \
+            if stop_rule == "head" else None
         self.x_token_id, self.y_token_id = x_token_id, y_token_id
         self.config = dict(config or {}, mlp_layers=mlp_layers, head_hidden_dim=head_hidden_dim, hidden_size=hidden,
-                           x_token_id=x_token_id, y_token_id=y_token_id)
+                           x_token_id=x_token_id, y_token_id=y_token_id, stop_rule=stop_rule)
+
+    def heads(self):
+        """{name: head module} of the heads this model has."""
+        return {name: getattr(self, name) for name in HEADS if getattr(self, name, None) is not None}
 
     def token_positions(self, input_ids):
         """Index of <x> and <y> in each row; a row without exactly one of each is an error, not a silent guess."""
@@ -188,9 +224,13 @@ class VLMRegressionModel(nn.Module):
         out = backbone(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values.to(vision_dtype),
                        image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids, use_cache=False)
         hidden = out.last_hidden_state
-        x = self.x_head(hidden[rows, x_pos].float())
-        y = self.y_head(hidden[rows, y_pos].float())
-        return torch.cat((x, y), dim=-1)
+        hx, hy = hidden[rows, x_pos].float(), hidden[rows, y_pos].float()
+        # the heads are fp32 and run outside any autocast (bf16 mixed precision would otherwise cast them down)
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            outs = [self.x_head(hx), self.y_head(hy)]
+            if self.done_head is not None:
+                outs.append(self.done_head(torch.cat((hx, hy), dim=-1)))
+        return torch.cat(outs, dim=-1)
 
     def trainable_groups(self):
         """Named groups of trainable parameters (for the optimizer's two lrs and the gradient-flow check)."""
@@ -206,8 +246,7 @@ class VLMRegressionModel(nn.Module):
 
         os.makedirs(out_dir, exist_ok=True)
         self.vlm.save_pretrained(os.path.join(out_dir, "adapter"))
-        heads = {f"x_head.{k}": v for k, v in self.x_head.state_dict().items()}
-        heads.update({f"y_head.{k}": v for k, v in self.y_head.state_dict().items()})
+        heads = {f"{name}.{k}": v for name, head in self.heads().items() for k, v in head.state_dict().items()}
         save_file({k: v.detach().cpu().contiguous() for k, v in heads.items()}, os.path.join(out_dir, "heads.safetensors"))
         with open(os.path.join(out_dir, "regression_config.json"), "w") as f:
             json.dump(dict(self.config, versions=library_versions()), f, indent=2)
@@ -215,11 +254,11 @@ class VLMRegressionModel(nn.Module):
             processor.save_pretrained(os.path.join(out_dir, "processor"))
 
     def load_heads(self, path):
-        """Both heads from save_pretrained's heads.safetensors."""
+        """The heads from save_pretrained's heads.safetensors."""
         from safetensors.torch import load_file
 
         heads = load_file(os.path.join(path, "heads.safetensors"))
-        for name, head in (("x_head", self.x_head), ("y_head", self.y_head)):
+        for name, head in self.heads().items():
             head.load_state_dict({k[len(name) + 1:]: v for k, v in heads.items() if k.startswith(name + ".")})
 
     @classmethod
@@ -241,12 +280,14 @@ class VLMRegressionModel(nn.Module):
         ensure_token_rows(base, ids)
         vlm = PeftModel.from_pretrained(base, os.path.join(path, "adapter"), is_trainable=is_trainable)
         cfg.pop("versions", None)
+        # runs saved before the stop head have no stop_rule: they stopped on a (-1, -1) prediction
+        stop_rule = cfg.pop("stop_rule", "coordinate")
         model = cls(vlm, cfg.pop("x_token_id"), cfg.pop("y_token_id"), cfg.pop("mlp_layers"),
-                    cfg.pop("head_hidden_dim"), cfg)
+                    cfg.pop("head_hidden_dim"), cfg, stop_rule=stop_rule)
         model.load_heads(path)
         if load_in_4bit:  # the quantized base is already placed by its device_map; only the heads move
-            model.x_head.to(device)
-            model.y_head.to(device)
+            for head in model.heads().values():
+                head.to(device)
         else:
             model.to(device)
         return model, processor
@@ -254,7 +295,7 @@ class VLMRegressionModel(nn.Module):
 
 def build_model(model_name=DEFAULT_MODEL, lora_r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT,
                 mlp_layers=MLP_LAYERS, head_hidden_dim=HEAD_HIDDEN_DIM, device="cpu", dtype=None, load_in_4bit=False,
-                gradient_checkpointing=False, min_pixels=None, max_pixels=None):
+                gradient_checkpointing=False, min_pixels=None, max_pixels=None, stop_rule="coordinate"):
     """(VLMRegressionModel, processor) ready to train: base model, <x>/<y> tokens, LoRA, heads."""
     from peft import get_peft_model
 
@@ -270,9 +311,9 @@ def build_model(model_name=DEFAULT_MODEL, lora_r=LORA_R, lora_alpha=LORA_ALPHA, 
     vlm = get_peft_model(base, lora_config(lora_r, lora_alpha, lora_dropout, ids))
     config = dict(base_model=model_name, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                   load_in_4bit=load_in_4bit, min_pixels=min_pixels, max_pixels=max_pixels)
-    model = VLMRegressionModel(vlm, ids[0], ids[1], mlp_layers, head_hidden_dim, config)
-    model.x_head.to(device)
-    model.y_head.to(device)
+    model = VLMRegressionModel(vlm, ids[0], ids[1], mlp_layers, head_hidden_dim, config, stop_rule=stop_rule)
+    for head in model.heads().values():
+        head.to(device)
     return model, processor
 
 
@@ -292,7 +333,7 @@ def library_versions():
 # Summary: parameter counts and a memory estimate, from the architecture alone (meta device, no weights)
 
 def summarize(model_name=DEFAULT_MODEL, lora_r=LORA_R, lora_alpha=LORA_ALPHA, mlp_layers=MLP_LAYERS,
-              head_hidden_dim=HEAD_HIDDEN_DIM, batch_size=4, tokens_per_sample=350):
+              head_hidden_dim=HEAD_HIDDEN_DIM, batch_size=4, tokens_per_sample=350, stop_rule="head"):
     """Parameter counts of the architecture (built on the meta device) and a training-memory estimate."""
     from peft import get_peft_model
     from transformers import Qwen3VLForConditionalGeneration
@@ -308,6 +349,8 @@ def summarize(model_name=DEFAULT_MODEL, lora_r=LORA_R, lora_alpha=LORA_ALPHA, ml
                           if isinstance(m, nn.Linear))
         vlm = get_peft_model(base, lora_config(lora_r, lora_alpha, 0.0, token_ids=[0, 1]))
         heads = sum(p.numel() for p in make_head(text.hidden_size, head_hidden_dim, mlp_layers).parameters()) * 2
+        if stop_rule == "head":
+            heads += sum(p.numel() for p in make_head(2 * text.hidden_size, head_hidden_dim, mlp_layers).parameters())
     lora = sum(p.numel() for n, p in vlm.named_parameters() if "lora_" in n)
     token_rows = 2 * text.hidden_size
     trainable = lora + heads + token_rows
@@ -322,7 +365,7 @@ def summarize(model_name=DEFAULT_MODEL, lora_r=LORA_R, lora_alpha=LORA_ALPHA, ml
     act_full = 34 * text.hidden_size * tokens * text.num_hidden_layers
     act_ckpt = 2 * text.hidden_size * tokens * text.num_hidden_layers + 34 * text.hidden_size * tokens
     return {
-        "model": model_name, "total_params": total, "vision_params": vision, "language_params": total - vision,
+        "model": model_name, "stop_rule": stop_rule, "total_params": total, "vision_params": vision, "language_params": total - vision,
         "embedding_rows": config.text_config.vocab_size, "embedding_params": embed,
         "lora_params": lora, "head_params": heads, "token_row_params": token_rows, "trainable_params": trainable,
         "memory_gib": {
@@ -340,7 +383,8 @@ def print_summary(s):
     print(f"total parameters     {s['total_params']:>15,}  (vision {s['vision_params']:,}, "
           f"language {s['language_params']:,}; embedding rows {s['embedding_rows']:,})")
     print(f"LoRA parameters      {s['lora_params']:>15,}")
-    print(f"head parameters      {s['head_params']:>15,}  (x head + y head)")
+    heads = "x head + y head" + (" + stop head" if s["stop_rule"] == "head" else "")
+    print(f"head parameters      {s['head_params']:>15,}  ({heads})")
     print(f"<x>/<y> token rows   {s['token_row_params']:>15,}")
     print(f"trainable total      {s['trainable_params']:>15,}  ({100 * s['trainable_params'] / s['total_params']:.2f}% of the base model's size)")
     mem = s["memory_gib"]
@@ -356,7 +400,7 @@ def smoke(model_name="tiny", **model_kwargs):
     model, processor = build_model(model_name, **model_kwargs)
     image = Image.fromarray(torch.randint(0, 255, (224, 224, 3), dtype=torch.uint8).numpy())
     pred = model(**encode_batch(processor, [image], ["eggs"], [0]))
-    loss = regression_loss(pred, torch.zeros_like(pred))[0]
+    loss = counting_loss(pred, torch.zeros_like(pred[:, :2]), torch.zeros_like(pred[:, 0]))[0]
     loss.backward()
     print(f"smoke ok: prediction {pred.detach().numpy().round(4).tolist()}, loss {loss.item():.4f}")
 
@@ -371,6 +415,9 @@ def add_model_args(parser):
     g.add_argument("--mlp_layers", type=int, default=MLP_LAYERS, choices=[2, 3, 4], help="Linear+GELU blocks per head")
     g.add_argument("--head_hidden_dim", "--head_dim", dest="head_hidden_dim", type=int, default=HEAD_HIDDEN_DIM,
                    help="width of the heads' hidden layers (--head_dim: its old name)")
+    g.add_argument("--stop_rule", default="head", choices=STOP_RULES,
+                   help="head: a stop head says 'all objects are marked'; coordinate: the original rule, a (-1, -1) "
+                        "prediction means done (for reproducing older runs)")
     return g
 
 
@@ -386,11 +433,12 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true", help="run one forward/backward pass")
     args = p.parse_args(argv)
     if args.summary:
-        s = summarize(args.model_name, args.lora_r, args.lora_alpha, args.mlp_layers, args.head_hidden_dim)
+        s = summarize(args.model_name, args.lora_r, args.lora_alpha, args.mlp_layers, args.head_hidden_dim,
+                      stop_rule=args.stop_rule)
         print(json.dumps(s, indent=2)) if args.json else print_summary(s)
     if args.smoke or not args.summary:
         smoke(args.model_name, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-              mlp_layers=args.mlp_layers, head_hidden_dim=args.head_hidden_dim)
+              mlp_layers=args.mlp_layers, head_hidden_dim=args.head_hidden_dim, stop_rule=args.stop_rule)
 
 
 if __name__ == "__main__":

@@ -143,13 +143,7 @@ def write_synthetic(out, fmt, num_images, seed=0, cfg=None):
                                      "box_examples_coordinates": boxes, "ratio_h": 0.5, "ratio_w": 0.5}
                 split_lists[split].append(name)
                 classes.append(f"{name}\t{t}\n")
-        split_lists["val_coco"], split_lists["test_coco"] = split_lists["val"][:1], split_lists["test"][:1]
-        with open(os.path.join(out, "annotation_FSC147_384.json"), "w") as f:
-            json.dump(annotations, f)
-        with open(os.path.join(out, "Train_Test_Val_FSC_147.json"), "w") as f:
-            json.dump(split_lists, f)
-        with open(os.path.join(out, "ImageClasses_FSC147.txt"), "w") as f:
-            f.writelines(classes)
+        _write_fsc147_files(out, annotations, split_lists, classes)
     elif fmt == "omnicount":
         cat_ids = {t: i + 1 for i, t in enumerate(SYNTHETIC_TYPES)}
         categories = [{"id": 0, "name": "synthetic-shapes", "supercategory": "none"}]  # Roboflow's placeholder
@@ -174,3 +168,64 @@ def write_synthetic(out, fmt, num_images, seed=0, cfg=None):
         raise DataError(f"unknown format {fmt!r}; choose fsc147 or omnicount")
     return sizes
 
+
+
+def _write_fsc147_files(out, annotations, split_lists, classes):
+    split_lists["val_coco"], split_lists["test_coco"] = split_lists["val"][:1], split_lists["test"][:1]
+    with open(os.path.join(out, "annotation_FSC147_384.json"), "w") as f:
+        json.dump(annotations, f)
+    with open(os.path.join(out, "Train_Test_Val_FSC_147.json"), "w") as f:
+        json.dump(split_lists, f)
+    with open(os.path.join(out, "ImageClasses_FSC147.txt"), "w") as f:
+        f.writelines(classes)
+
+
+# -----------------------------------------------------------------------------
+# Dense layouts: FSC-147's crowded images, for measuring the counting protocol itself (evaluate --oracle)
+
+
+def hard_core_points(n, min_dist, width, height, rng):
+    """n uniform random points (N, 2) in width x height with centres at least min_dist apart (dart throwing on a
+    cell grid of side min_dist / sqrt(2), so each cell holds at most one point). Raises DataError if the darts
+    cannot place n points (too dense for min_dist)."""
+    cell = min_dist / np.sqrt(2)
+    occupied, pts = {}, []
+    for _ in range(50):
+        for p in rng.uniform([0, 0], [width, height], (4 * n, 2)):
+            cx, cy = int(p[0] // cell), int(p[1] // cell)
+            near = (occupied.get((cx + i, cy + j)) for i in range(-2, 3) for j in range(-2, 3))
+            if all(q is None or np.hypot(p[0] - q[0], p[1] - q[1]) >= min_dist for q in near):
+                occupied[(cx, cy)] = p
+                pts.append(p)
+                if len(pts) == n:
+                    return np.asarray(pts)
+    raise DataError(f"cannot place {n} points {min_dist} px apart in {width}x{height}")
+
+
+def dense_layout(n, seed, width=576, height=384):
+    """(points (n, 2), object size) of a crowded image: hard-core random centres at a spacing of 0.6 x the mean
+    spacing sqrt(area / n), at least 3 px; objects as large as that spacing (they touch, never overlap)."""
+    spacing = max(3.0, 0.6 * np.sqrt(width * height / n))
+    return hard_core_points(n, spacing, width, height, np.random.default_rng([seed, n])), spacing
+
+
+def write_dense_fsc147(out, counts, seed=0, width=576, height=384):
+    """An FSC-147-layout folder whose test split holds one plain image per count in `counts` (points from
+    dense_layout, three exemplar boxes of the objects' size); train and val hold one image each of the first
+    count, so every split loads. Images are plain grey: the oracle needs only the points."""
+    image_dir = os.path.join(out, "images_384_VarV2")
+    os.makedirs(image_dir, exist_ok=True)
+    annotations, split_lists, classes = {}, {"train": [], "val": [], "test": []}, []
+    blank = Image.new("RGB", (width, height), (128, 128, 128))
+    todo = [("test", i, n) for i, n in enumerate(counts)] + [("train", 0, counts[0]), ("val", 0, counts[0])]
+    for split, i, n in todo:
+        pts, size = dense_layout(int(n), seed, width, height)
+        name = f"dense_{split}_{i:04d}_{int(n)}.jpg"
+        blank.save(os.path.join(image_dir, name), quality=95)
+        boxes = [[[x - size / 2, y - size / 2], [x - size / 2, y + size / 2], [x + size / 2, y + size / 2],
+                  [x + size / 2, y - size / 2]] for x, y in pts[:3].tolist()]
+        annotations[name] = {"H": height, "W": width, "points": pts.tolist(), "box_examples_coordinates": boxes}
+        split_lists[split].append(name)
+        classes.append(f"{name}\tdots\n")
+    _write_fsc147_files(out, annotations, split_lists, classes)
+    return {"test": len(counts)}

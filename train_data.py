@@ -47,7 +47,7 @@ def load_data(args, world, rank):
     except data.DataError as e:
         sys.exit(f"error: {e}")
     dkw = dict(ordering=args.ordering, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-               done_fraction=args.done_fraction)
+               done_fraction=args.done_fraction, mark_style=args.mark_style)
     train_ds = data.CountingDataset(train_records, seed=args.seed, **dkw)
     val_ds = data.CountingDataset(val_records, seed=args.seed + 1, **dkw)
     train_batches = args.train_batches or len(train_ds) // (args.batch_size * world)
@@ -62,12 +62,23 @@ def load_data(args, world, rank):
                      val_order[rank::world].tolist(), {"train": train_skipped, "val": val_skipped})
 
 
-def baseline_val_loss(d, seed):
-    """The loss of always predicting the mean training target (of 512 seeded samples), on the validation samples."""
+def baseline_val_loss(d, seed, stop_head=False):
+    """The loss of a model that knows only the training means (of 512 seeded samples), on the validation samples:
+    the mean target for x and y and, with a stop head, the share of done samples as its constant probability.
+    With a stop head the coordinate part leaves the done samples out, as the training loss does."""
     ids = np.random.default_rng([seed, 11]).permutation(len(d.train_ds))[:512]
-    mean_target = torch.tensor(np.mean([d.train_ds[int(i)].target for i in ids], 0))
-    val_targets = torch.tensor(np.stack([d.val_ds[int(i)].target for i in d.val_order]))
-    return mvr.regression_loss(mean_target.expand_as(val_targets), val_targets)[0].item()
+    train = [d.train_ds[int(i)] for i in ids]
+    val = [d.val_ds[int(i)] for i in d.val_order]
+    val_targets = torch.tensor(np.stack([s.target for s in val]))
+    if not stop_head:
+        mean_target = torch.tensor(np.mean([s.target for s in train], 0))
+        return mvr.regression_loss(mean_target.expand_as(val_targets), val_targets)[0].item()
+    mean_target = torch.tensor(np.mean([s.target for s in train if not s.done] or [np.zeros(2, np.float32)], 0))
+    p_done = float(np.clip(np.mean([s.done for s in train]), 1e-4, 1 - 1e-4))
+    val_done = torch.tensor([float(s.done) for s in val])
+    logit = torch.full((len(val), 1), float(np.log(p_done / (1 - p_done))))
+    pred = torch.cat((mean_target.expand_as(val_targets), logit), 1)
+    return mvr.counting_loss(pred, val_targets, val_done)[0].item()
 
 
 # -----------------------------------------------------------------------------
@@ -128,17 +139,30 @@ def image_sizes(batch):
 
 @torch.no_grad()
 def validate(model, loader, accelerator):
-    """Loss (total, x, y) and mean pixel error over the whole validation set (gathered across ranks)."""
+    """Loss (total, x, y, and the stop head's), mean pixel error over the samples with an object left (all samples
+    under the coordinate stop rule), and the stop head's accuracy, precision and recall at probability 0.5 (done is
+    the positive class), over the whole validation set (gathered across ranks)."""
     model.eval()
-    preds, targets, sizes = [], [], []
+    preds, targets, sizes, dones = [], [], [], []
     for batch in loader:
         batch = to_device(batch, accelerator.device)
         preds.append(model(**batch).float())
         targets.append(batch["targets"])
         sizes.append(image_sizes(batch))
+        dones.append(batch["done"])
     model.train()
-    pred, target, size = (accelerator.gather(torch.cat(t)) for t in (preds, targets, sizes))
-    loss, loss_x, loss_y = mvr.regression_loss(pred, target)
-    pixel_error = ((pred - target) / 2 * size).norm(dim=1).mean()
-    return {"val/loss": loss.item(), "val/loss_x": loss_x.item(), "val/loss_y": loss_y.item(),
-            "val/pixel_error": pixel_error.item(), "val/saturation": (pred.abs() > 0.99).float().mean().item()}, pred
+    pred, target, size, done = (accelerator.gather(torch.cat(t)) for t in (preds, targets, sizes, dones))
+    loss, loss_x, loss_y, loss_done = mvr.counting_loss(pred, target, done)
+    xy = pred[:, :2]
+    keep = done < 0.5 if pred.shape[1] == 3 else torch.ones_like(done, dtype=torch.bool)
+    pixel_error = ((xy - target) / 2 * size).norm(dim=1)[keep].mean() if keep.any() else torch.tensor(float("nan"))
+    metrics = {"val/loss": loss.item(), "val/loss_x": loss_x.item(), "val/loss_y": loss_y.item(),
+               "val/pixel_error": pixel_error.item(), "val/saturation": (xy.abs() > 0.99).float().mean().item()}
+    if pred.shape[1] == 3:
+        said, truth = pred[:, 2] > 0, done > 0.5
+        tp = (said & truth).sum().item()
+        metrics.update({"val/loss_done": loss_done.item(),
+                        "val/stop_accuracy": (said == truth).float().mean().item(),
+                        "val/stop_precision": tp / max(1, said.sum().item()),
+                        "val/stop_recall": tp / max(1, truth.sum().item())})
+    return metrics, pred

@@ -118,8 +118,8 @@ def lr_lambda(warmup_steps, total_steps):
 def build_optimizer(model, lr, mlp_lr, weight_decay):
     """AdamW with two groups: the VLM side (LoRA, <x>/<y> rows) at lr, the freshly initialised heads at mlp_lr."""
     groups = model.trainable_groups()
-    heads = groups.get("x_head", []) + groups.get("y_head", [])
-    vlm = [p for g, ps in groups.items() if g not in ("x_head", "y_head") for p in ps]
+    heads = [p for g in mvr.HEADS for p in groups.get(g, [])]
+    vlm = [p for g, ps in groups.items() if g not in mvr.HEADS for p in ps]
     return torch.optim.AdamW([{"params": vlm, "lr": lr, "weight_decay": weight_decay, "name": "vlm"},
                               {"params": heads, "lr": mlp_lr, "weight_decay": weight_decay, "name": "heads"}])
 
@@ -132,7 +132,8 @@ def gradient_flow(model):
             group = mvr.param_group(name)
             norms[group] = norms.get(group, 0.0) + (0.0 if p.grad is None else p.grad.detach().float().pow(2).sum().item())
     norms = {k: math.sqrt(v) for k, v in norms.items()}
-    dead = [g for g in mvr.GROUPS if not norms.get(g)]
+    required = mvr.GROUPS + (("done_head",) if getattr(model, "done_head", None) is not None else ())
+    dead = [g for g in required if not norms.get(g)]
     if dead:
         raise RuntimeError(f"gradient-flow check failed: {', '.join(dead)} received no gradient on the first step "
                            f"(frozen by mistake, or detached from the loss); norms: {norms}")
@@ -158,7 +159,7 @@ def val_images(model, val_ds, processor, collate, indices, device, ordering):
     out = []
     for s, p in zip(samples, pred):
         w, h = s.image.size
-        drawn = utils.draw_prediction(s.image, utils.denormalize_points(p[None], w, h)[0],
+        drawn = utils.draw_prediction(s.image, utils.denormalize_points(p[None, :2], w, h)[0],
                                       None if s.done else utils.denormalize_points(s.target[None], w, h)[0])
         prompt = render_prompt(processor, s.object_type, s.num_marked, ordering)
         out.append((utils.side_by_side(s.image, drawn), prompt))
@@ -190,26 +191,31 @@ class RunningMeans:
     loss_y: float = 0.0
     saturation: float = 0.0  # share of predictions at the tanh bounds (|p| > 0.99)
     batches: int = 0
+    loss_done: float = 0.0  # the stop head's BCE (0 under --stop_rule coordinate)
 
-    def add(self, loss, loss_x, loss_y, saturation):
+    def add(self, loss, loss_x, loss_y, loss_done, saturation):
         self.loss += loss
         self.loss_x += loss_x
         self.loss_y += loss_y
+        self.loss_done += loss_done
         self.saturation += saturation
         self.batches += 1
 
     def means(self):
-        """(loss, loss_x, loss_y, saturation) per batch."""
+        """(loss, loss_x, loss_y, loss_done, saturation) per batch."""
         n = max(1, self.batches)
-        return self.loss / n, self.loss_x / n, self.loss_y / n, self.saturation / n
+        return self.loss / n, self.loss_x / n, self.loss_y / n, self.loss_done / n, self.saturation / n
 
     def to_state(self):
         """The checkpoint's `epoch_sums` (saturation is reported per log line only, so a checkpoint keeps no sum)."""
-        return {"loss": self.loss, "loss_x": self.loss_x, "loss_y": self.loss_y, "n": self.batches}
+        return {"loss": self.loss, "loss_x": self.loss_x, "loss_y": self.loss_y, "loss_done": self.loss_done,
+                "n": self.batches}
 
     @classmethod
     def from_state(cls, sums):
-        return cls(sums["loss"], sums["loss_x"], sums["loss_y"], 0.0, sums["n"]) if sums else cls()
+        if not sums:
+            return cls()
+        return cls(sums["loss"], sums["loss_x"], sums["loss_y"], 0.0, sums["n"], sums.get("loss_done", 0.0))
 
 
 @dataclass
@@ -283,12 +289,12 @@ def checkpoint(run, best=False):
 
 def train_step(run, batch):
     """Forward and backward of one batch; at the end of an accumulation also the clipped optimizer step and the
-    scheduler's. Returns (predictions, (loss, loss_x, loss_y), gradient norm or None), still on the device."""
+    scheduler's. Returns (predictions, (loss, loss_x, loss_y, loss_done), gradient norm or None), on the device."""
     accelerator, grad_norm = run.accelerator, None
     with accelerator.accumulate(run.model):
         pred = run.model(**batch)
-        loss, loss_x, loss_y = mvr.regression_loss(pred.float(), batch["targets"])
-        accelerator.backward(loss)
+        losses = mvr.counting_loss(pred.float(), batch["targets"], batch["done"])
+        accelerator.backward(losses[0])
         if accelerator.sync_gradients:
             if not run.flow_checked:
                 norms = gradient_flow(run.raw_model)
@@ -302,16 +308,17 @@ def train_step(run, batch):
         if accelerator.sync_gradients:
             run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
-    return pred, (loss, loss_x, loss_y), grad_norm
+    return pred, losses, grad_norm
 
 
 def log_train_line(run, epoch, grad_norm, bar):
     """The log window's row (means over the ranks) in metrics.jsonl and W&B; then a new window."""
     window, scheduler = run.window, run.scheduler
     dt = time.time() - window.started
-    loss, loss_x, loss_y, saturation = train_data.mean_over_ranks(run.accelerator, list(window.means()))
+    loss, loss_x, loss_y, loss_done, saturation = train_data.mean_over_ranks(run.accelerator, list(window.means()))
     row = {"epoch": epoch + 1, "step": run.state["step"], "train/loss": loss, "train/loss_x": loss_x,
-           "train/loss_y": loss_y, "train/saturation": saturation, "train/grad_norm": float(grad_norm),
+           "train/loss_y": loss_y, **({"train/loss_done": loss_done} if run.raw_model.done_head is not None else {}),
+           "train/saturation": saturation, "train/grad_norm": float(grad_norm),
            "train/samples_per_s": window.samples / dt, "train/data_wait_share": window.data_wait / dt,
            "lr/vlm": scheduler.get_last_lr()[0], "lr/heads": scheduler.get_last_lr()[1]}
     log_metrics(run, row)
@@ -358,16 +365,16 @@ def train_epoch(run, epoch):
         pred, losses, grad_norm = train_step(run, batch)
         # One host sync per batch, after the step has been queued (no stall between forward and backward). A
         # non-finite loss stops the run here; the weights it touched are never saved, so checkpoints/last is good.
-        loss, loss_x, loss_y, saturation = torch.stack(
-            [*(t.detach() for t in losses), (pred.detach().abs() > 0.99).float().mean()]).tolist()
+        loss, loss_x, loss_y, loss_done, saturation = torch.stack(
+            [*(t.detach() for t in losses), (pred.detach()[:, :2].abs() > 0.99).float().mean()]).tolist()
         # the preemption signal is agreed here too: one all-reduce per batch for both decisions
         nonfinite, stop = train_data.any_rank(accelerator, not math.isfinite(loss), run.preempt.signal is not None)
         if nonfinite:
             fail(run, f"non-finite loss ({loss}) at epoch {epoch + 1}, batch {b + 1}, optimizer step "
                       f"{state['step'] + 1}; the last good checkpoint (checkpoints/last) is kept")
-        run.window.add(loss, loss_x, loss_y, saturation)
+        run.window.add(loss, loss_x, loss_y, loss_done, saturation)
         run.window.samples += pred.shape[0] * world
-        totals.add(loss, loss_x, loss_y, saturation)
+        totals.add(loss, loss_x, loss_y, loss_done, saturation)
         state["batch_in_epoch"], state["epoch_sums"] = b + 1, totals.to_state()
         bar.update(1)
         if accelerator.sync_gradients:
@@ -375,6 +382,14 @@ def train_epoch(run, epoch):
         t_data = time.time()
     bar.close()
     return totals
+
+
+def stop_summary(metrics):
+    """The stop head's validation figures for the epoch's console line ('' without a stop head)."""
+    if "val/stop_accuracy" not in metrics:
+        return ""
+    return (f"  stop head: accuracy {metrics['val/stop_accuracy']:.2f}, precision {metrics['val/stop_precision']:.2f}, "
+            f"recall {metrics['val/stop_recall']:.2f}")
 
 
 def end_epoch(run, epoch, totals):
@@ -385,9 +400,10 @@ def end_epoch(run, epoch, totals):
     improved = state["best_val_loss"] is None or metrics["val/loss"] < state["best_val_loss"]
     if improved:
         state["best_val_loss"], state["best_epoch"] = metrics["val/loss"], epoch + 1
-    train_means = train_data.mean_over_ranks(accelerator, list(totals.means()[:3]))
+    keys = ("loss", "loss_x", "loss_y") + (("loss_done",) if run.raw_model.done_head is not None else ())
+    train_means = train_data.mean_over_ranks(accelerator, list(totals.means()[:len(keys)]))
     row = {"epoch": epoch + 1, "step": state["step"], "epoch_end": True,
-           **{f"train/{k}": v for k, v in zip(("loss", "loss_x", "loss_y"), train_means)},
+           **{f"train/{k}": v for k, v in zip(keys, train_means)},
            **metrics,
            "val/baseline_loss": state["baseline_val_loss"]}
     state["history"].append({k: row[k] for k in ("epoch", "step", "train/loss", "val/loss")})
@@ -401,7 +417,7 @@ def end_epoch(run, epoch, totals):
     run.log(f"epoch {epoch + 1}/{args.epochs} step {state['step']}: train {row['train/loss']:.4f}  val "
             f"{metrics['val/loss']:.4f} (x {metrics['val/loss_x']:.4f}, y {metrics['val/loss_y']:.4f})  "
             f"pixel error {metrics['val/pixel_error']:.1f}  baseline {state['baseline_val_loss']:.4f}  "
-            f"saturation {metrics['val/saturation']:.2f}{'  *best*' if improved else ''}")
+            f"saturation {metrics['val/saturation']:.2f}" + stop_summary(metrics) + ("  *best*" if improved else ""))
     checkpoint(run, best=improved)
 
 
@@ -454,8 +470,9 @@ def main(args):
     model, processor = mvr.build_model(
         args.model_name, args.lora_r, args.lora_alpha, args.lora_dropout, args.mlp_layers, args.head_hidden_dim,
         device=accelerator.device, load_in_4bit=args.load_in_4bit,
-        gradient_checkpointing=args.gradient_checkpointing, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-    model.config["ordering"] = args.ordering
+        gradient_checkpointing=args.gradient_checkpointing, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+        stop_rule=args.stop_rule)
+    model.config.update(ordering=args.ordering, mark_style=args.mark_style, done_fraction=args.done_fraction)
     collate = data.make_collate_fn(processor, args.ordering)
     mlp_lr = args.mlp_lr if args.mlp_lr is not None else args.lr * args.mlp_lr_multiplier
     optimizer = build_optimizer(model, args.lr, mlp_lr, args.weight_decay)
@@ -475,7 +492,7 @@ def main(args):
     # ---- run files, and the baseline every validation loss is compared with
     run.wandb = start_run_files(run, resume_dir, mlp_lr)
     if state["baseline_val_loss"] is None:
-        state["baseline_val_loss"] = train_data.baseline_val_loss(d, args.seed)
+        state["baseline_val_loss"] = train_data.baseline_val_loss(d, args.seed, args.stop_rule == "head")
     log(f"run {args.run_name}: {len(d.train_ds)} train records, {len(d.val_order)} val samples, {trainable:,} "
         f"trainable params, world {world}, {d.train_batches} batches/epoch, baseline val loss "
         f"{state['baseline_val_loss']:.4f}")

@@ -170,38 +170,83 @@ def _label_sprite(radius, label):
     return rgb, mask
 
 
-def mark_objects(image, points, start_index=1, radius=None):
-    """Draw numbered labels start_index, start_index+1, ... at the pixel points (N, 2) on a copy of the RGB image.
+@functools.lru_cache(maxsize=64)
+def _dot_sprite(radius):
+    """(rgb, mask) of an unnumbered mark: a white dot with a black rim (a black-ringed white pixel at radius 1), for
+    objects packed too densely for a number (counting.mark_spec)."""
+    hy = radius + 1
+    size = (2 * hy + 1, 2 * hy + 1)
+    rgb = np.full(size + (3,), 255, dtype=np.uint8)
+    alpha = np.zeros(size, dtype=np.uint8)
+    cv2.circle(alpha, (hy * 16, hy * 16), radius * 16, 255, -1, cv2.LINE_AA, 4)
+    cv2.circle(rgb, (hy * 16, hy * 16), radius * 16, _EDGE, -1, cv2.LINE_AA, 4)
+    if radius >= 2:
+        cv2.circle(rgb, (hy * 16, hy * 16), (radius - max(1, radius // 4)) * 16, _FILL, -1, cv2.LINE_AA, 4)
+    else:
+        rgb[hy, hy] = _FILL
+    rgb.setflags(write=False)
+    mask = np.ascontiguousarray(np.repeat((alpha >= 128)[:, :, None], 3, axis=2))
+    mask.setflags(write=False)
+    return rgb, mask
 
-    Each label is a white disc with a black rim and the number in black (a capsule for 3+ digits); its size scales
-    with the image (mark_radius). Labels are pre-rendered sprites (cached) pasted with one masked copy each into a
-    single numpy copy of the image, so marking k objects costs k small copies, never k whole-image passes. A label
-    is centred on the pixel that contains its point; later labels cover earlier ones where they overlap.
-    """
-    canvas = np.array(image.convert("RGB"))  # the one copy; the caller's image is left untouched
+
+def label_half_width(radius, num_digits):
+    """Half the width in pixels of a numbered label of num_digits digits at this radius (its half-height is radius)."""
+    return _label_layout(int(radius), int(num_digits))[4]
+
+
+def _paste(canvas, points, sprites):
+    """Paste (rgb, mask) sprites centred on the pixels holding the points, in order, clipped to the canvas."""
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     h, w = canvas.shape[:2]
-    r = int(radius or mark_radius(w, h))
-    n = len(pts)
-    if n == 0:
-        return Image.fromarray(canvas)
-    sprites = [_label_sprite(r, str(start_index + i)) for i in range(n)]
-    # placement is computed for all labels at once; the loop below only copies (it is the whole cost at k=3000)
+    if not len(pts):
+        return canvas
+    # placement is computed for all marks at once; the loop below only copies (it is the whole cost at k=3000)
     size = np.array([s[1].shape[:2] for s in sprites])  # (n, 2) sprite (h, w)
     centres = np.floor(pts).astype(np.int64)  # continuous coords -> index of the pixel holding the point
     x0, y0 = centres[:, 0] - size[:, 1] // 2, centres[:, 1] - size[:, 0] // 2
     x1, y1 = x0 + size[:, 1], y0 + size[:, 0]
     inside = ((x0 >= 0) & (y0 >= 0) & (x1 <= w) & (y1 <= h)).tolist()
-    for i, (rgb, mask), a, b, c, d in zip(range(n), sprites, x0.tolist(), y0.tolist(), x1.tolist(), y1.tolist()):
+    for i, (rgb, mask), a, b, c, d in zip(range(len(pts)), sprites, x0.tolist(), y0.tolist(), x1.tolist(),
+                                          y1.tolist()):
         if inside[i]:
             np.copyto(canvas[b:d, a:c], rgb, where=mask)
             continue
-        # clip the sprite to the image (labels of objects on the border are cut, not shifted)
+        # clip the sprite to the image (marks of objects on the border are cut, not shifted)
         ax, ay, bx, by = max(a, 0), max(b, 0), min(c, w), min(d, h)
         if ax < bx and ay < by:
             sl = np.s_[ay - b : by - b, ax - a : bx - a]
             np.copyto(canvas[ay:by, ax:bx], rgb[sl], where=mask[sl])
-    return Image.fromarray(canvas)
+    return canvas
+
+
+def _sprites(n, start_index, radius, dots):
+    return [_dot_sprite(radius) if dots else _label_sprite(radius, str(start_index + i)) for i in range(n)]
+
+
+def mark_objects(image, points, start_index=1, radius=None, dots=False):
+    """Draw numbered labels start_index, start_index+1, ... at the pixel points (N, 2) on a copy of the RGB image
+    (dots=True: unnumbered dots of that radius instead).
+
+    Each label is a white disc with a black rim and the number in black (a capsule for 3+ digits); its size scales
+    with the image (mark_radius) unless radius is given. Marks are pre-rendered sprites (cached) pasted with one
+    masked copy each into a single numpy copy of the image, so marking k objects costs k small copies, never k
+    whole-image passes. A mark is centred on the pixel that contains its point; later marks cover earlier ones.
+    """
+    canvas = np.array(image.convert("RGB"))  # the one copy; the caller's image is left untouched
+    h, w = canvas.shape[:2]
+    r = int(radius or mark_radius(w, h))
+    n = len(np.asarray(points).reshape(-1, 2))
+    return Image.fromarray(_paste(canvas, points, _sprites(n, start_index, r, dots)))
+
+
+def mark_mask(width, height, points, start_index=1, radius=None, dots=False):
+    """bool (height, width): the pixels mark_objects would cover with the same arguments."""
+    canvas = np.zeros((height, width, 3), dtype=np.uint8)
+    r = int(radius or mark_radius(width, height))
+    sprites = [(np.full_like(m, 255, dtype=np.uint8), m)
+               for _, m in _sprites(len(np.asarray(points).reshape(-1, 2)), start_index, r, dots)]
+    return _paste(canvas, points, sprites)[:, :, 0] > 0
 
 
 # -----------------------------------------------------------------------------

@@ -3,7 +3,6 @@ import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository root: the one definition every test file imports
-REPO = ROOT  # the same root under the name tests/test_counting.py imports
 # Set before any test imports transformers or starts a subprocess, so every CLI run inherits them.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("VLM_REGRESSION_CACHE", str(ROOT / ".cache"))

@@ -98,19 +98,25 @@ def fixture_records(tmp_path_factory):
 
 
 def test_stop_rule_each_reason():
-    """Counting stops on (-1, -1) within the threshold ('done', which wins) or on a point within the stop radius of a
-    mark ('repeat'); max_steps is 2 x the largest count + 5, capped."""
+    """Counting stops when the stop head's probability exceeds the threshold ('done', which wins), or, under the
+    coordinate rule, on (-1, -1) within 0.05; on a point within the repeat radius of a mark ('repeat'); never on a
+    position alone under the stop head; max_steps is 2 x the largest count + 5, capped."""
     marked = np.array([[20.0, 20.0]])
     norm = lambda x, y: utils.normalize_points([x, y], 64, 64)[0]  # noqa: E731
-    assert ev.stop_reason([-0.97, -0.99], marked, 64, 64, 8) == "done"
-    assert ev.stop_reason([-0.94, -0.99], marked, 64, 64, 8) is None  # 0.06 from -1: not within 0.05
-    assert ev.stop_reason([-0.94, -0.99], marked, 64, 64, 8, done_threshold=0.1) == "done"
-    assert ev.stop_reason(norm(27.9, 20), marked, 64, 64, 8) == "repeat"
-    assert ev.stop_reason(norm(28.1, 20), marked, 64, 64, 8) is None
-    assert ev.stop_reason(norm(20, 20), np.zeros((0, 2)), 64, 64, 8) is None  # nothing marked: nothing to repeat
-    assert ev.stop_reason([-1, -1], [[0.0, 0.0]], 64, 64, 8) == "done"  # done wins over repeat
+    assert ev.stop_reason([-0.97, -0.99], None, marked, 64, 64, 8) == "done"
+    assert ev.stop_reason([-0.94, -0.99], None, marked, 64, 64, 8) is None  # 0.06 from -1: not within 0.05
+    assert ev.stop_reason([-1.0, -1.0], 0.2, marked, 64, 64, 8) is None  # the head decides, not the corner
+    assert ev.stop_reason([0.5, 0.5], 0.6, marked, 64, 64, 8) == "done"
+    assert ev.stop_reason([0.5, 0.5], 0.6, marked, 64, 64, 8, done_threshold=0.7) is None
+    assert ev.stop_reason(norm(27.9, 20), 0.0, marked, 64, 64, 8) == "repeat"
+    assert ev.stop_reason(norm(28.1, 20), 0.0, marked, 64, 64, 8) is None
+    assert ev.stop_reason(norm(20, 20), 0.0, marked, 64, 64, None) is None  # no scale yet: no repeat rule
+    assert ev.stop_reason(norm(20, 20), None, np.zeros((0, 2)), 64, 64, 8) is None  # nothing marked to repeat
+    assert ev.stop_reason([-1, -1], None, [[0.0, 0.0]], 64, 64, 8) == "done"  # done wins over repeat
+    assert ev.stop_reason(norm(0, 0), 0.9, [[0.0, 0.0]], 64, 64, 8) == "done"
     assert ev.default_max_steps([data.CountingRecord("a", "t", np.zeros((4, 2)))]) == 13
-    assert ev.default_max_steps([data.CountingRecord("a", "t", np.zeros((3731, 2)))]) == ev.MAX_STEPS_CAP
+    assert ev.default_max_steps([data.CountingRecord("a", "t", np.zeros((3731, 2)))]) == 2 * 3731 + 5
+    assert ev.default_max_steps([data.CountingRecord("a", "t", np.zeros((5000, 2)))]) == ev.MAX_STEPS_CAP
 
 
 def brute_force_matches(pred, gt, radius):
@@ -315,7 +321,7 @@ def test_cli_omnicount_and_checkpoint_resolution(trained):
 def test_batched_counting_equals_one_by_one(trained, fixture_records):
     """Counting images together gives each the points it gets counted alone (right padding, per-image marks)."""
     model, processor = mvr.VLMRegressionModel.from_pretrained(str(trained["run"] / "checkpoints" / "best"))
-    kw = dict(max_steps=3, stop_radius=0.0)  # the untrained model would often stop at step 2; run all 3 steps
+    kw = dict(max_steps=3, stop_radius=0.0, done_threshold=1.0)  # never stop before step 3: run all 3 steps
     batched = ev.count_records(model, processor, fixture_records, batch_size=4, **kw)["predictions"]
     single = [ev.count_records(model, processor, [r], batch_size=1, **kw)["predictions"][0] for r in fixture_records]
     assert all(b["stop_reason"] == "max_steps" for b in batched)  # every image runs all three steps

@@ -90,7 +90,8 @@ def test_output_files_and_checkpoints(tmp_path):
     for key in ("train/loss", "train/loss_x", "train/loss_y", "val/loss", "val/loss_x", "val/loss_y",
                 "val/pixel_error"):
         assert all(np.isfinite(r[key]) for r in rows), key
-    assert all(abs(r["val/loss"] - r["val/loss_x"] - r["val/loss_y"]) < 1e-5 for r in rows)
+    assert all(abs(r["val/loss"] - r["val/loss_x"] - r["val/loss_y"] - r["val/loss_done"]) < 1e-5 for r in rows)
+    assert all(0 <= r[f"val/stop_{k}"] <= 1 for r in rows for k in ("accuracy", "precision", "recall"))
     res = json.loads((out / "results.json").read_text())
     assert res["status"] == "completed" and res["epochs_completed"] == 2
     assert res["best_val_loss"] == min(r["val/loss"] for r in rows)
