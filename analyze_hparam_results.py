@@ -8,8 +8,9 @@ Rank the runs of a hyperparameter sweep (run_hparam_search.sh) and plot what the
 
 Each run folder holds train_vlm_regression.py's outputs: config.json (the hyperparameters), results.json (status,
 best/final validation loss, maybe count_eval) and metrics.jsonl (lines with "epoch_end": true carry the per-epoch
-losses and pixel error). Runs are ranked by best validation loss (or --sort_by); the table shows the pixel error at
-the best epoch and the count MAE when present. Runs that are unfinished, failed or unreadable are listed, not
+losses and pixel error). Runs are ranked by their validation count MAE where they recorded one (training's
+--eval_count_images), else by best validation loss (or --sort_by); the table shows the loss, the pixel error at
+the best epoch and the count MAE. Runs that are unfinished, failed or unreadable are listed, not
 ranked: a run is completed only when its results.json parses, says "completed" and has a finite best_val_loss (a
 file cut short is not, whatever text it holds). A --sweep_dir that does not exist is a one-line error (exit 1).
 
@@ -46,8 +47,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep_dir", help="folder of the run folders (SWEEP_DIR of run_hparam_search.sh)")
     p.add_argument("--out_dir", help="where summary.csv and the plots go (default: SWEEP_DIR/analysis)")
-    p.add_argument("--sort_by", default="val_loss", choices=sorted(SORT_COLUMNS),
-                   help="ranking metric (lower is better)")
+    p.add_argument("--sort_by", default="auto", choices=["auto"] + sorted(SORT_COLUMNS),
+                   help="ranking metric (lower is better); auto: the validation count MAE where runs recorded one "
+                        "(--eval_count_images), else the validation loss")
     p.add_argument("--top", type=int, default=0, help="rows in the printed table (0 = all); top 5 get learning curves")
     p.add_argument("--wandb_project", help="read the runs from this W&B project instead of --sweep_dir")
     p.add_argument("--wandb_entity", help="W&B entity (default: your default entity)")
@@ -245,8 +247,17 @@ def load_wandb(project, entity=None, group=None, api=None):
 # Ranking and the table
 
 
-def rank_runs(runs, sort_by="val_loss"):
+def resolve_sort(runs, sort_by):
+    """"auto" -> count_mae when a completed run recorded one (the sweep's job is the best counter, not the best
+    regressor), else val_loss; any other choice as given."""
+    if sort_by != "auto":
+        return sort_by
+    return "count_mae" if any(r["status"] == "completed" and finite(r.get("count_mae")) for r in runs) else "val_loss"
+
+
+def rank_runs(runs, sort_by="auto"):
     """DataFrame of all runs: completed ones ranked by the metric (missing values last), then the rest."""
+    sort_by = resolve_sort(runs, sort_by)
     df = pd.DataFrame([{k: v for k, v in r.items() if k != "curve"} for r in runs],
                       columns=[k for k in new_run("", "") if k != "curve"])
     done = df[df.status == "completed"].copy()
@@ -431,9 +442,10 @@ def main(argv=None):
             sys.exit(f"error: no sweep folder at {args.sweep_dir}")
         runs, grid = load_sweep(args.sweep_dir)
         where = args.sweep_dir
-    ranked = rank_runs(runs, args.sort_by)
+    sort_by = resolve_sort(runs, args.sort_by)
+    ranked = rank_runs(runs, sort_by)
     done = ranked[ranked.status == "completed"]
-    print(f"{where}: {len(runs)} runs, {len(done)} completed, ranked by {args.sort_by} (lower is better)\n")
+    print(f"{where}: {len(runs)} runs, {len(done)} completed, ranked by {sort_by} (lower is better)\n")
     table = markdown_table(ranked, args.top)
     print(table if len(done) else "(no completed run yet)")
 

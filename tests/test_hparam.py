@@ -155,7 +155,7 @@ def fake_sweep(tmp_path):
 
 def test_analysis_ranks_runs_and_lists_broken_ones(fake_sweep, capsys):
     sweep, broken = fake_sweep
-    ranked = ahr.main(["--sweep_dir", str(sweep), "--top", "10"])
+    ranked = ahr.main(["--sweep_dir", str(sweep), "--top", "10", "--sort_by", "val_loss"])
     out = capsys.readouterr().out
 
     done = ranked[ranked.status == "completed"]
@@ -188,6 +188,27 @@ def test_analysis_ranks_runs_and_lists_broken_ones(fake_sweep, capsys):
     assert len(csv) == 47 and list(csv.run[:42]) == list(done.run)
     assert set(csv.status[42:]) == {"failed", "incomplete", "corrupt"}
     assert (sweep / "analysis" / "summary.md").read_text().splitlines() == table
+
+
+def test_default_ranking_is_by_count_mae_where_runs_recorded_one(fake_sweep, capsys):
+    """The sweep looks for the best counter: with count evaluations the default ranks by their MAE (loss shown too);
+    a sweep without any ranks by the validation loss."""
+    sweep, _ = fake_sweep
+    ranked = ahr.main(["--sweep_dir", str(sweep), "--out_dir", str(sweep / "a4")])
+    assert "ranked by count_mae" in capsys.readouterr().out
+    done = ranked[ranked.status == "completed"]
+    assert list(done.count_mae[:40]) == sorted(done.count_mae[:40]) and done.best_val_loss.notna().all()
+    for res in sweep.glob("*/results.json"):
+        try:
+            r = json.loads(res.read_text())
+        except ValueError:
+            continue
+        r.pop("count_eval", None)
+        res.write_text(json.dumps(r))
+    ranked = ahr.main(["--sweep_dir", str(sweep), "--out_dir", str(sweep / "a5")])
+    assert "ranked by val_loss" in capsys.readouterr().out
+    done = ranked[ranked.status == "completed"]
+    assert list(done.best_val_loss) == sorted(done.best_val_loss)
 
 
 def test_analysis_sort_by_count_mae_and_pixel_error(fake_sweep, capsys):
