@@ -5,6 +5,7 @@ Rank the runs of a hyperparameter sweep (run_hparam_search.sh) and plot what the
     python analyze_hparam_results.py --sweep_dir runs/hparam_search --sort_by pixel_error --top 10
     python analyze_hparam_results.py --wandb_project vlm-sequential-counting --wandb_group hparam_search \
         --out_dir runs/hparam_search/analysis          # the same, from the W&B API instead of the files
+    python analyze_hparam_results.py --sweep_dir runs/hparam_search --evaluate_best   # + the best run's test score
 
 Each run folder holds train_vlm_regression.py's outputs: config.json (the hyperparameters), results.json (status,
 best/final validation loss, maybe count_eval) and metrics.jsonl (lines with "epoch_end": true carry the per-epoch
@@ -22,12 +23,15 @@ Writes into --out_dir (default SWEEP_DIR/analysis), each file atomically (temp f
     mlp_depth.png             best val loss per number of MLP layers in the heads
     learning_curves_top.png   train / val loss per epoch of the top runs
     marginal_means.png        mean +- std (and min) of best val loss for each value of each hyperparameter
+It prints the best run's checkpoint and the evaluate_vlm_regression.py command that scores it on the test split;
+--evaluate_best runs it (outputs in OUT_DIR/best_test/) and writes OUT_DIR/best_test_metrics.json.
 """
 
 import argparse
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 
@@ -51,6 +55,10 @@ def parse_args(argv=None):
                    help="ranking metric (lower is better); auto: the validation count MAE where runs recorded one "
                         "(--eval_count_images), else the validation loss")
     p.add_argument("--top", type=int, default=0, help="rows in the printed table (0 = all); top 5 get learning curves")
+    p.add_argument("--evaluate_best", action="store_true",
+                   help="run the printed test command on the best run; its metrics go to OUT_DIR/best_test_metrics.json")
+    p.add_argument("--evaluate_args", default="",
+                   help="more evaluate_vlm_regression.py arguments for the best run's command, e.g. '--num_images 50'")
     p.add_argument("--wandb_project", help="read the runs from this W&B project instead of --sweep_dir")
     p.add_argument("--wandb_entity", help="W&B entity (default: your default entity)")
     p.add_argument("--wandb_group", help="only runs of this group (run_hparam_search.sh: the sweep folder's name)")
@@ -429,6 +437,51 @@ def write_outputs(runs, ranked, out_dir, table):
 
 
 # -----------------------------------------------------------------------------
+# From the best run to its test score
+
+
+def run_checkpoint(run_dir):
+    """A run's checkpoints/best, else checkpoints/last (evaluate_vlm_regression.resolve_checkpoint's rule), or None."""
+    for name in ("best", "last"):
+        path = os.path.join(run_dir, "checkpoints", name)
+        if os.path.isfile(os.path.join(path, "regression_config.json")):
+            return path
+    return None
+
+
+def best_run_command(ranked, out_dir, extra_args=""):
+    """(run name, checkpoint, the evaluate_vlm_regression.py argv that scores it on the test split) of the best
+    completed run, or (run name or None, None, why not)."""
+    done = ranked[ranked.status == "completed"]
+    if done.empty:
+        return None, None, "no completed run"
+    best = done.iloc[0]
+    if best.source.startswith("wandb:"):
+        return best.run, None, "the runs were read from W&B: no local checkpoint (analyse the sweep folder)"
+    ckpt = run_checkpoint(best.source)
+    if ckpt is None:
+        return best.run, None, f"{best.source} has no checkpoints/best or checkpoints/last"
+    cmd = [sys.executable, os.path.join(HERE, "evaluate_vlm_regression.py"), "--checkpoint", ckpt, "--split", "test",
+           "--output_dir", os.path.join(out_dir, "best_test"), *shlex.split(extra_args)]
+    return best.run, ckpt, cmd
+
+
+def evaluate_best(run, ckpt, cmd, out_dir):
+    """Run the best run's test command; write and return {run, checkpoint, command, metrics}."""
+    print(f"\nEvaluating {run} on the test split ...", flush=True)
+    if subprocess.run(cmd).returncode:
+        sys.exit(f"error: the test evaluation of {run} failed: {shlex.join(cmd)}")
+    with open(os.path.join(cmd[cmd.index("--output_dir") + 1], "metrics.json")) as f:
+        metrics = json.load(f)
+    out = {"run": run, "checkpoint": os.path.realpath(ckpt), "command": shlex.join(cmd), "metrics": metrics}
+    path = os.path.join(out_dir, "best_test_metrics.json")
+    utils.write_json_atomic(path, out)
+    print(f"{run} on the test split: count MAE {metrics['mae']:.3f}, RMSE {metrics['rmse']:.3f} over "
+          f"{metrics['num_images']} images; wrote {path}")
+    return out
+
+
+# -----------------------------------------------------------------------------
 
 
 def main(argv=None):
@@ -472,6 +525,15 @@ def main(argv=None):
 
     written = write_outputs(runs, ranked, args.out_dir, table)
     print(f"\nwrote {', '.join(os.path.basename(p) for p in written)} to {args.out_dir}")
+    run, ckpt, cmd = best_run_command(ranked, args.out_dir, args.evaluate_args)
+    if ckpt is None:
+        print(f"\nBest run{' ' + run if run else ''}: no test command ({cmd})")
+    else:
+        print(f"\nBest run {run}: checkpoint {ckpt}\nIts test score: {shlex.join(cmd)}")
+        if args.evaluate_best:
+            evaluate_best(run, ckpt, cmd, args.out_dir)
+    if args.evaluate_best and ckpt is None:
+        sys.exit(f"error: --evaluate_best: {cmd}")
     return ranked
 
 

@@ -6,6 +6,8 @@ stops) and score it: count MAE / RMSE against the mean-count baseline, and how w
     python evaluate_vlm_regression.py --checkpoint runs/fsc/checkpoints/last --dataset fsc147 \\
         --data_root /media/M2SSD/FSC147 --split test --output_dir runs/fsc/eval-test
     python evaluate_vlm_regression.py --checkpoint runs/demo --mode next_point --split test   # teacher-forced
+    python evaluate_vlm_regression.py --checkpoint runs/demo --images photo.jpg photos/ --object eggs \\
+        --output_dir counts                                       # your own images: counts.json, marks/*.png
 
 --checkpoint is a training run's checkpoints/best or checkpoints/last, a checkpoints/step-N folder, or the run dir
 itself (its checkpoints/best). The data arguments default to the run's own (config.json: dataset, data_root,
@@ -16,6 +18,7 @@ vis/*.png. See docs/EVALUATION.md.
 """
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -374,19 +377,139 @@ def next_point_records(model, processor, records, *, ordering=None, min_pixels=N
 
 
 # -----------------------------------------------------------------------------
+# Counting your own images: no annotation, the same counting loop
+
+# Most objects counted on an image without annotations (where evaluation sizes max_steps on the ground truth): above
+# FSC-147's largest count (3,731), so a model that stops by itself is never cut short.
+IMAGES_MAX_STEPS = 4000
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+@dataclasses.dataclass
+class ImageRecord(data.CountingRecord):
+    """A record of an image without annotation: a file, or a PIL image in memory (`pil`). Loaded upright (EXIF
+    orientation applied, as a viewer shows it), so the counted points are in the frame a user sees."""
+    pil: object = None
+
+    def load_image(self):
+        from PIL import Image, ImageOps
+
+        if self.pil is not None:
+            image = self.pil.convert("RGB")
+        else:
+            with Image.open(self.image_path) as im:
+                image = ImageOps.exif_transpose(im).convert("RGB")  # convert() decodes: truncation fails here
+        self.width, self.height = image.size
+        return image
+
+
+def image_record(image, object_name, key=0):
+    """An ImageRecord for a path or a PIL image; its image_id is `key`."""
+    pil = None if isinstance(image, (str, os.PathLike)) else image
+    return ImageRecord(str(key), object_name, np.zeros((0, 2), np.float32),
+                       image_path=None if pil is not None else os.fspath(image), pil=pil)
+
+
+def count_images(model, processor, images, object_name, *, batch_size=8, max_steps=None, **protocol):
+    """Count `object_name` (as the prompt names classes: 'eggs' or 'egg') on each image (path or PIL image), step by
+    step exactly as count_records does: one dict per image, {"count", "points" (pixels of the image, upright),
+    "stop_reason", "steps"}, or {"error": why} for an image that cannot be read. protocol: count_records' settings
+    (ordering, min_pixels, max_pixels, stop_radius, done_threshold, stop_rule, mark_style); max_steps defaults to
+    IMAGES_MAX_STEPS."""
+    records = [image_record(im, object_name, i) for i, im in enumerate(images)]
+    with warnings.catch_warnings(record=True) as caught:  # count_records warns per unreadable image: say it here
+        warnings.simplefilter("always")
+        out = count_records(model, processor, records, batch_size=batch_size,
+                            max_steps=max_steps or IMAGES_MAX_STEPS, **protocol)
+    unreadable = [str(w.message) for w in caught if "unreadable image" in str(w.message)]
+    for w in caught:
+        if str(w.message) not in unreadable:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    by_id = {p["image"]: p for p in out["predictions"]}
+    results = []
+    for rec in records:
+        p = by_id.get(rec.image_id)
+        if p is None:
+            why = next((m for m in unreadable if m.startswith(f"{rec.image_path}: ")), "unreadable image")
+            results.append({"error": why.split(": ", 1)[-1].replace("; not evaluated", "")})
+        else:
+            results.append({"count": p["pred_count"], "points": p["points"], "stop_reason": p["stop_reason"],
+                            "steps": p["steps"]})
+    return results
+
+
+def count_image(model, processor, image, object_name, **protocol):
+    """Count `object_name` on one image (a path or a PIL image): {"count", "points", "stop_reason", "steps"}, points
+    in pixels of the image. Raises OSError for an image that cannot be read. See count_images."""
+    result = count_images(model, processor, [image], object_name, batch_size=1, **protocol)[0]
+    if "error" in result:
+        raise OSError(f"{image if isinstance(image, (str, os.PathLike)) else 'image'}: {result['error']}")
+    return result
+
+
+def image_paths(paths):
+    """The files to count: each file as given, and each folder's image files (IMAGE_EXTENSIONS), sorted."""
+    out = []
+    for path in paths:
+        if os.path.isdir(path):
+            out += sorted(os.path.join(path, f) for f in os.listdir(path)
+                          if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(path, f)))
+        else:
+            out.append(path)
+    return list(dict.fromkeys(out))
+
+
+def count_images_main(args, model, processor):
+    """--images: count each image, print a line per image, write counts.json and a PNG of the marks per image."""
+    from prompt import object_names
+
+    paths = image_paths(args.images)
+    if not paths:
+        sys.exit(f"error: no image files in {' '.join(args.images)}")
+    stop_rule, mark_style = protocol_settings(model, args.stop_rule, args.mark_style)
+    results = count_images(model, processor, paths, args.object, batch_size=args.batch_size,
+                           max_steps=args.max_steps, ordering=args.ordering, min_pixels=args.min_pixels,
+                           max_pixels=args.max_pixels, stop_radius=args.stop_radius,
+                           done_threshold=args.done_threshold, stop_rule=stop_rule, mark_style=mark_style)
+    os.makedirs(os.path.join(args.output_dir, "marks"), exist_ok=True)
+    counts, plural = {}, object_names(args.object)[1]
+    for n, (path, r) in enumerate(zip(paths, results)):
+        if "error" in r:
+            print(f"{path}: skipped, {r['error']}", file=sys.stderr)
+            continue
+        png = os.path.join("marks", f"{n:03d}_{_safe_name(os.path.basename(path))}.png")
+        marked = marks_as_counted(image_record(path, args.object), r["points"], args.min_pixels, args.max_pixels,
+                                  mark_style)[0]
+        utils.add_caption(marked, f"{os.path.basename(path)}: {r['count']} {plural} (stop: {r['stop_reason']})").save(
+            os.path.join(args.output_dir, png))
+        counts[path] = dict(r, marks=png)
+        print(f"{path}: {r['count']} {plural} (stop: {r['stop_reason']}, {r['steps']} steps)")
+    utils.write_text_atomic(os.path.join(args.output_dir, "counts.json"), json.dumps(counts, indent=2) + "\n")
+    print(f"wrote {args.output_dir}/counts.json and marks/ ({len(counts)} of {len(paths)} images counted)",
+          file=sys.stderr)
+    return counts
+
+
+# -----------------------------------------------------------------------------
 # Visualisations
+
+
+def marks_as_counted(record, points, min_pixels, max_pixels, mark_style="auto"):
+    """(the image as the model last saw it: resized to the model-input frame, the counted points (pixels of the image
+    file) marked as the protocol draws them; the unmarked image; its ground truth in that frame)."""
+    image, gt = data.prepare_image(record, min_pixels, max_pixels)
+    w0, h0 = _original_size(record)
+    pts = np.asarray(points, np.float64).reshape(-1, 2) * [image.width / w0, image.height / h0]
+    scale = counting.protocol_scale(pts, data.object_size_in(record, image.size))
+    return counting.draw_marks(image, pts, counting.mark_spec(scale, *image.size, len(pts), mark_style)), image, gt
 
 
 def count_visualisation(record, prediction, min_pixels, max_pixels, ordering=None, mark_style="auto"):
     """(final marks as the model last saw them | ground truth as green circles), counts in the caption."""
-    image, gt = data.prepare_image(record, min_pixels, max_pixels)
-    w0, h0 = _original_size(record)
-    pts = np.asarray(prediction["points"], np.float64).reshape(-1, 2) * [image.width / w0, image.height / h0]
+    marked, image, gt = marks_as_counted(record, prediction["points"], min_pixels, max_pixels, mark_style)
     truth = image
     for g in gt:
         truth = utils.draw_prediction(truth, None, g)
-    scale = counting.protocol_scale(pts, data.object_size_in(record, image.size))
-    marked = counting.draw_marks(image, pts, counting.mark_spec(scale, *image.size, len(pts), mark_style))
     panel = utils.side_by_side(marked, truth)
     return utils.add_caption(panel, f"{record.image_id} | {record.object_type}: predicted {prediction['pred_count']}"
                                     f", ground truth {prediction['gt_count']} (stop: {prediction['stop_reason']})")
@@ -439,8 +562,10 @@ def checkpoint_defaults(ckpt, run_dir, dataset=None):
     """Argument defaults recorded by training: the run's data arguments, the checkpoint's ordering and pixel bounds.
     When the user picks another --dataset, the run's dataset-specific ones (data_root, ...) do not apply."""
     out = {}
-    if run_dir:
-        with open(os.path.join(run_dir, "config.json")) as f:
+    # an export (model_vlm_regression.py --export) carries its run's config.json as training_config.json
+    run_config = os.path.join(run_dir, "config.json") if run_dir else os.path.join(ckpt, mvr.TRAINING_CONFIG)
+    if os.path.isfile(run_config):
+        with open(run_config) as f:
             run = json.load(f)
         out = {k: run[k] for k in RUN_DATA_KEYS + ("ordering", "min_pixels", "max_pixels") if k in run}
         if dataset and dataset != run.get("dataset"):
@@ -461,6 +586,10 @@ def parse_args(argv=None):
                    help="count with a scripted perfect model instead of a checkpoint (the protocol's own error)")
     p.add_argument("--oracle_noise_px", type=float, default=0.0,
                    help="--oracle: Gaussian noise of this many px added to each coordinate of its points")
+    p.add_argument("--images", nargs="+", default=None, metavar="PATH",
+                   help="count these image files, or every image file in these folders, instead of a dataset split "
+                        "(no annotation: counts.json and marks/, no metrics; the data arguments do not apply)")
+    p.add_argument("--object", default=None, help="--images: what to count, as the prompt names it ('eggs', 'egg')")
     p.add_argument("--split", default="test", help="split to evaluate (val/valid, test, train)")
     p.add_argument("--train_split", default="train", help="split whose mean count is the baseline")
     p.add_argument("--num_images", type=int, default=0, help="evaluate the split's first N records; 0 = all")
@@ -502,6 +631,14 @@ def parse_args(argv=None):
     args.mark_style = args.mark_style or "auto"
     if args.oracle and args.mode != "count":
         p.error("--oracle counts (--mode count)")
+    if bool(args.images) != bool(args.object):
+        p.error("--images and --object go together")
+    if args.images:
+        if args.oracle or args.mode != "count":
+            p.error("--images counts with a checkpoint (no --oracle, --mode count)")
+        args.checkpoint_dir, args.run_dir = ckpt, run_dir
+        args.output_dir = args.output_dir or os.path.join(run_dir or ckpt, "counts", _safe_name(args.object))
+        return args
     args.dataset = args.dataset or "synthetic"
     args.checkpoint_dir, args.run_dir = ckpt, run_dir
     if args.dataset != "synthetic" and not args.data_root:
@@ -514,6 +651,15 @@ def parse_args(argv=None):
     return args
 
 
+def load_checkpoint(args, device):
+    """(model, processor) of --checkpoint, the processor set to the pixel bounds the images are resized to."""
+    model, processor = mvr.VLMRegressionModel.from_pretrained(args.checkpoint_dir, device=device)
+    # our images arrive at model_input_size for these bounds, so the processor must not resize them again
+    processor.image_processor.size = dict(processor.image_processor.size, shortest_edge=args.min_pixels,
+                                          longest_edge=args.max_pixels)
+    return model, processor
+
+
 def _safe_name(s):
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in s)[-60:]
 
@@ -521,6 +667,10 @@ def _safe_name(s):
 def main(argv=None):
     args = parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.images:
+        print(f"counting {args.object} with {os.path.realpath(args.checkpoint_dir)}, device {device}",
+              file=sys.stderr)
+        return count_images_main(args, *load_checkpoint(args, device))
     try:
         records, _ = data.records_from_args(args, args.split)
         train_records = data.records_from_args(args, args.train_split)[0] if args.mode == "count" else []
@@ -532,10 +682,7 @@ def main(argv=None):
     if args.oracle:
         model, processor = counting.Oracle(args.oracle_noise_px, args.seed), None
     else:
-        model, processor = mvr.VLMRegressionModel.from_pretrained(args.checkpoint_dir, device=device)
-        # our images arrive at model_input_size for these bounds, so the processor must not resize them again
-        processor.image_processor.size = dict(processor.image_processor.size, shortest_edge=args.min_pixels,
-                                              longest_edge=args.max_pixels)
+        model, processor = load_checkpoint(args, device)
     source = "the oracle" if args.oracle else os.path.realpath(args.checkpoint_dir)
     print(f"evaluating {source} on {args.dataset} {args.split}: {len(records)} records, mode {args.mode}, device "
           f"{device}", file=sys.stderr)

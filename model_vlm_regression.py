@@ -4,6 +4,7 @@ Qwen3-VL + LoRA + two regression heads that read the hidden states of the prompt
     python model_vlm_regression.py --model_name Qwen/Qwen3-VL-4B-Thinking --summary   # no weights downloaded
     python model_vlm_regression.py --model_name tiny --summary
     python model_vlm_regression.py --model_name tiny --smoke                        # one forward/backward pass
+    python model_vlm_regression.py --export runs/demo runs/demo-export --merge      # one folder, no adapter
 
 --model_name is a hub id, a local folder, or `tiny`: a random-init Qwen3-VL built offline in seconds (see
 tiny_model.py) that exercises the same code path as the real model. The prompt and its <x>/<y> tokens: prompt.py.
@@ -180,6 +181,11 @@ def param_group(name):
             else "other")
 
 
+def base_of(vlm):
+    """The Qwen3VLForConditionalGeneration inside a peft wrapper, or vlm itself (a merged export has no wrapper)."""
+    return vlm.get_base_model() if hasattr(vlm, "get_base_model") else vlm
+
+
 class VLMRegressionModel(nn.Module):
     """A peft-wrapped Qwen3-VL plus fp32 heads; forward(**batch) -> (B, 2) predictions in [-1, 1], or (B, 3) with
     the stop head's logit ("all objects are marked") as the third column.
@@ -193,7 +199,7 @@ class VLMRegressionModel(nn.Module):
         if stop_rule not in STOP_RULES:
             raise ValueError(f"unknown stop rule {stop_rule!r}; choose from {STOP_RULES}")
         self.vlm = vlm
-        hidden = vlm.get_base_model().config.text_config.hidden_size
+        hidden = base_of(vlm).config.text_config.hidden_size
         self.x_head = make_head(hidden, head_hidden_dim, mlp_layers).float()
         self.y_head = make_head(hidden, head_hidden_dim, mlp_layers).float()
         self.done_head = make_head(2 * hidden, head_hidden_dim, mlp_layers, tanh=False).float() \
@@ -219,7 +225,7 @@ class VLMRegressionModel(nn.Module):
 
     def forward(self, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, **_ignored):
         rows, x_pos, y_pos = self.token_positions(input_ids)
-        backbone = self.vlm.get_base_model().model  # Qwen3VLModel: last_hidden_state is after the final norm
+        backbone = base_of(self.vlm).model  # Qwen3VLModel: last_hidden_state is after the final norm
         vision_dtype = backbone.visual.patch_embed.proj.weight.dtype
         out = backbone(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values.to(vision_dtype),
                        image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids, use_cache=False)
@@ -241,11 +247,16 @@ class VLMRegressionModel(nn.Module):
         return groups
 
     def save_pretrained(self, out_dir, processor=None):
-        """adapter/ (peft format), heads.safetensors, regression_config.json, processor/ (tokenizer with <x>/<y>)."""
+        """adapter/ (peft format), heads.safetensors, regression_config.json, processor/ (tokenizer with <x>/<y>).
+        A merged model (no peft wrapper, export --merge) saves its full weights at the folder's root instead of
+        adapter/: config.json + model.safetensors, loadable by transformers alone."""
         from safetensors.torch import save_file
 
         os.makedirs(out_dir, exist_ok=True)
-        self.vlm.save_pretrained(os.path.join(out_dir, "adapter"))
+        merged = not hasattr(self.vlm, "get_base_model")
+        self.vlm.save_pretrained(out_dir if merged else os.path.join(out_dir, "adapter"))
+        if merged:
+            self.config["merged"] = True
         heads = {f"{name}.{k}": v for name, head in self.heads().items() for k, v in head.state_dict().items()}
         save_file({k: v.detach().cpu().contiguous() for k, v in heads.items()}, os.path.join(out_dir, "heads.safetensors"))
         with open(os.path.join(out_dir, "regression_config.json"), "w") as f:
@@ -263,7 +274,8 @@ class VLMRegressionModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=None, load_in_4bit=None, is_trainable=False):
-        """(model, processor) restored from save_pretrained's folder; the base model is loaded from its recorded name."""
+        """(model, processor) restored from save_pretrained's folder; the base model is loaded from its recorded name,
+        or, for a merged export (regression_config.json "merged": true), from the folder itself."""
         from peft import PeftModel
         from transformers import AutoProcessor
 
@@ -275,10 +287,12 @@ class VLMRegressionModel(nn.Module):
         processor = AutoProcessor.from_pretrained(os.path.join(path, "processor"))
         processor.tokenizer.padding_side = "right"
         load_in_4bit = cfg.get("load_in_4bit", False) if load_in_4bit is None else load_in_4bit
-        base = load_base_model(cfg["base_model"], device, dtype, load_in_4bit)
-        ids = [cfg["x_token_id"], cfg["y_token_id"]]
-        ensure_token_rows(base, ids)
-        vlm = PeftModel.from_pretrained(base, os.path.join(path, "adapter"), is_trainable=is_trainable)
+        if cfg.get("merged"):  # export --merge: the folder holds the base with LoRA and <x>/<y> rows merged in
+            vlm = load_base_model(path, device, dtype, load_in_4bit).requires_grad_(False)
+        else:
+            base = load_base_model(cfg["base_model"], device, dtype, load_in_4bit)
+            ensure_token_rows(base, [cfg["x_token_id"], cfg["y_token_id"]])
+            vlm = PeftModel.from_pretrained(base, os.path.join(path, "adapter"), is_trainable=is_trainable)
         cfg.pop("versions", None)
         # runs saved before the stop head have no stop_rule: they stopped on a (-1, -1) prediction
         stop_rule = cfg.pop("stop_rule", "coordinate")
@@ -327,6 +341,139 @@ def library_versions():
         except md.PackageNotFoundError:
             pass
     return out
+
+
+# -----------------------------------------------------------------------------
+# Export: one folder to hand over (adapter or merged weights, heads, config, processor, model card)
+
+# The run's own files, copied into an export under these names (config.json at an export's root is the merged base's):
+# evaluate_vlm_regression.py reads TRAINING_CONFIG as the run's config.json when the export has no run dir around it.
+TRAINING_CONFIG, TRAINING_RESULTS = "training_config.json", "training_results.json"
+SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def export(checkpoint, out_dir, merge=False, dtype="auto"):
+    """Write checkpoint (a checkpoint folder or a run dir) as one folder that VLMRegressionModel.from_pretrained
+    loads: heads.safetensors, regression_config.json, processor/, the run's config and results, a model card
+    (README.md), and either adapter/ (as trained) or, with merge, the base model with LoRA and the <x>/<y> token rows
+    merged in (peft's merge_and_unload) as config.json + model.safetensors: no adapter, no base model download.
+    Merging runs in fp32; the merged weights are saved in `dtype` ("auto": the base model's own). Returns out_dir."""
+    import shutil
+
+    from evaluate_vlm_regression import resolve_checkpoint  # the CLI's one definition of checkpoint vs run dir
+
+    ckpt, run_dir = resolve_checkpoint(checkpoint)
+    if os.path.exists(out_dir) and os.listdir(out_dir):
+        raise FileExistsError(f"{out_dir}: not empty; export into a new folder")
+    os.makedirs(out_dir, exist_ok=True)
+    if merge:
+        model, processor = VLMRegressionModel.from_pretrained(ckpt, device="cpu", dtype=torch.float32,
+                                                              load_in_4bit=False)
+        base = model.vlm.merge_and_unload()  # LoRA into the linears; the trained <x>/<y> rows into the embedding
+        model.vlm = base.to(SAVE_DTYPES[dtype] if dtype != "auto" else stored_dtype(model.config["base_model"]))
+        model.config["load_in_4bit"] = False
+        model.save_pretrained(out_dir, processor)
+    else:
+        for name in ("adapter", "processor"):
+            shutil.copytree(os.path.join(ckpt, name), os.path.join(out_dir, name))
+        for name in ("heads.safetensors", "regression_config.json"):
+            shutil.copy2(os.path.join(ckpt, name), os.path.join(out_dir, name))
+    run_files = {}
+    for src, dst in (("config.json", TRAINING_CONFIG), ("results.json", TRAINING_RESULTS)):
+        path = os.path.join(run_dir, src) if run_dir else None
+        if path and os.path.isfile(path):
+            shutil.copy2(path, os.path.join(out_dir, dst))
+            with open(path) as f:
+                run_files[src] = json.load(f)
+    with open(os.path.join(out_dir, "regression_config.json")) as f:
+        cfg = json.load(f)
+    with open(os.path.join(out_dir, "README.md"), "w") as f:
+        f.write(model_card(cfg, run_files.get("config.json", {}), run_files.get("results.json", {}), merge,
+                           os.path.basename(os.path.normpath(out_dir))))
+    return out_dir
+
+
+def stored_dtype(model_name):
+    """The dtype a model's weights are published in (its config.json; float32 when it does not say)."""
+    config = load_architecture_config(model_name)
+    dtype = getattr(config, "dtype", None) or getattr(config.text_config, "dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def model_card(cfg, run, results, merged, name):
+    """README.md in the Hugging Face model-card layout: YAML front matter, then description, data, training
+    command, validation figures and how to load and count."""
+    base = cfg.get("base_model", DEFAULT_MODEL)
+    heads = "x, y and stop heads" if cfg.get("stop_rule") == "head" else "x and y heads"
+    if run.get("dataset") == "synthetic":
+        data = "synthetic shapes (synthetic_data.py), seed {}".format(run.get("seed"))
+    elif run.get("dataset"):
+        data = f"{run['dataset']} from `{run.get('data_root')}`" + (
+            f", categories {', '.join(run['categories'])}" if run.get("categories") else "")
+    else:
+        data = "not recorded (the checkpoint was exported without its run's config.json)"
+    figures = [("best validation loss", results.get("best_val_loss")), ("at epoch", results.get("best_epoch")),
+               ("mean-target baseline loss", results.get("baseline_val_loss")),
+               ("final validation loss", results.get("final_val_loss"))]
+    count = results.get("count_eval") if isinstance(results.get("count_eval"), dict) else {}
+    figures += [(f"counting {k} ({count.get('num_images')} validation images)", count.get(k))
+                for k in ("mae", "rmse", "baseline_mean_count_mae", "f1")]
+    rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
+                      for k, v in figures if v is not None) or "| (no results.json) | |"
+    weights = ("The LoRA weights and the trained `<x>`/`<y>` token rows are merged into the base model\n(config.json + "
+               "model.safetensors at the folder's root): it loads without an adapter and without the base model."
+               if merged else f"LoRA adapter in peft's format (`adapter/`), applied to `{base}` when loaded.")
+    return f"""---
+base_model: {base}
+library_name: {"transformers" if merged else "peft"}
+pipeline_tag: image-text-to-text
+tags:
+- object-counting
+- qwen3-vl
+- lora
+- regression
+- vision-language
+---
+
+# {name}
+
+## Model description
+Counts objects one at a time: objects already counted are marked on the image with numbered labels (or dots), and
+the model regresses the (x, y) of the next unmarked object from the hidden states of the prompt tokens `<x>` and
+`<y>`, each through its own MLP head ({heads}, `heads.safetensors`, fp32; {cfg.get("mlp_layers")} layers of width
+{cfg.get("head_hidden_dim")}). Base model `{base}`, LoRA r={cfg.get("lora_r")}, alpha={cfg.get("lora_alpha")}. Counting
+order `{cfg.get("ordering")}`, stop rule `{cfg.get("stop_rule", "coordinate")}`, images resized within
+{cfg.get("min_pixels")}-{cfg.get("max_pixels")} pixels (regression_config.json).
+
+{weights}
+
+## Training data
+{data}.
+
+## Training command
+```bash
+{"python " + run["command"] if run.get("command") else "not recorded"}
+```
+
+## Validation results
+| metric | value |
+|---|---|
+{rows}
+
+## How to load and count
+```python
+import evaluate_vlm_regression as ev
+from model_vlm_regression import VLMRegressionModel
+
+model, processor = VLMRegressionModel.from_pretrained("{name}")
+result = ev.count_image(model, processor, "photo.jpg", "eggs")   # {{"count", "points", "stop_reason", "steps"}}
+```
+```bash
+python evaluate_vlm_regression.py --checkpoint {name} --images photo.jpg photos/ --object eggs --output_dir counts
+python evaluate_vlm_regression.py --checkpoint {name} --split test      # the training run's data (training_config.json)
+```
+The code is this repository's (`model_vlm_regression.py`, `evaluate_vlm_regression.py`, `prompt.py`).
+"""
 
 
 # -----------------------------------------------------------------------------
@@ -431,7 +578,17 @@ def main(argv=None):
     p.add_argument("--summary", action="store_true", help="print parameter counts and a memory estimate")
     p.add_argument("--json", action="store_true", help="with --summary: print JSON")
     p.add_argument("--smoke", action="store_true", help="run one forward/backward pass")
+    p.add_argument("--export", nargs=2, metavar=("CKPT", "OUT"),
+                   help="write checkpoint (or run dir) CKPT as one folder OUT: adapter or merged weights, heads, "
+                        "config, processor, model card")
+    p.add_argument("--merge", action="store_true", help="--export: merge LoRA and the <x>/<y> rows into the base")
+    p.add_argument("--dtype", default="auto", choices=("auto", *SAVE_DTYPES),
+                   help="--export --merge: dtype of the saved weights (auto: the base model's)")
     args = p.parse_args(argv)
+    if args.export:
+        print(f"exported {args.export[0]} to {export(*args.export, merge=args.merge, dtype=args.dtype)}"
+              + (" (merged)" if args.merge else ""))
+        return
     if args.summary:
         s = summarize(args.model_name, args.lora_r, args.lora_alpha, args.mlp_layers, args.head_hidden_dim,
                       stop_rule=args.stop_rule)
