@@ -2,9 +2,7 @@
 Train Qwen3-VL (LoRA + <x>/<y> regression heads) to point at the next uncounted object.
 
 The embedded demo (tiny random-init Qwen3-VL, synthetic data, about 8 minutes on 2 CPU cores):
-    python train_vlm_regression.py --model_name tiny --dataset synthetic --output_dir runs/demo --epochs 30 \
-        --train_batches 200 --val_batches 25 --batch_size 4 --lr 1e-3 --mlp_lr_multiplier 1 --max_grad_norm 0 \
-        --eval_count_images 50
+    python train_vlm_regression.py --config configs/demo.yaml --output_dir runs/demo     # settings and reasons there
 
 Real data on one GPU (the original code's commands):
     python train_vlm_regression.py --dataset fsc147 --data_root /media/M2SSD/FSC147 --batch_size 4 --epochs 10 --lr 1e-3
@@ -42,8 +40,29 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint saved, resume me
 DEFAULT_SPLITS = {"synthetic": ("train", "val"), "fsc147": ("train", "val"), "omnicount": ("train", "valid")}
 
 
+def config_defaults(parser, path):
+    """Argument defaults from a YAML file of flag names (without --) and values, e.g. configs/demo.yaml: the file
+    sets a run's settings in one place, each with its reason; flags on the command line still win."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        parser.error(f"--config {path}: cannot read it ({type(e).__name__}: {str(e).splitlines()[0]})")
+    if not isinstance(values, dict):
+        parser.error(f"--config {path}: expected a mapping of flag names to values")
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        parser.error(f"--config {path}: unknown setting(s) {', '.join(unknown)}")
+    return values
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None,
+                   help="YAML file of settings (flag names without --), e.g. configs/demo.yaml; flags given here win")
     # ---- Data
     data.add_data_args(p)
     p.add_argument("--train_split", default=None, help="default: train")
@@ -82,11 +101,17 @@ def parse_args(argv=None):
                         "with the training step for the same cores)")
     g.add_argument("--num_val_images", type=int, default=16, help="validation images logged to W&B per epoch")
     g.add_argument("--log_every", type=int, default=10, help="optimizer steps between train log lines")
+    g.add_argument("--eval_count_split", default=None,
+                   help="split that --eval_count_images counts (default: the validation split; the demo: test, "
+                        "never used for training or model selection)")
     g.add_argument("--eval_count_images", type=int, default=0,
                    help="at the end, count objects step by step on N validation images (results.json)")
     g.add_argument("--wandb_project", default="vlm-sequential-counting", help="W&B project")
     g.add_argument("--wandb_mode", default=None, choices=["online", "offline", "disabled"],
                    help="default: online when a W&B key is configured, else offline")
+    first, _ = p.parse_known_args(argv)
+    if first.config:
+        p.set_defaults(**config_defaults(p, first.config))
     args = p.parse_args(argv)
     if args.num_workers is None:
         args.num_workers = train_data.default_num_workers()
@@ -421,23 +446,58 @@ def end_epoch(run, epoch, totals):
     checkpoint(run, best=improved)
 
 
+def count_at_the_end(run, num_examples=4):
+    """--eval_count_images: count that many records of --eval_count_split step by step with the final model; the
+    metrics go to results.json, the first images with their marks to count_examples/ (and W&B)."""
+    import evaluate_vlm_regression as ev
+
+    args = run.args
+    split = args.eval_count_split or args.val_split
+    records = run.data.val_records if split == args.val_split else data.records_from_args(args, split)[0]
+    mean_count = float(np.mean([len(r.points) for r in run.data.train_records]))
+    out = ev.count_records(run.raw_model, run.processor, records[: args.eval_count_images], ordering=args.ordering,
+                           min_pixels=args.min_pixels, max_pixels=args.max_pixels, batch_size=args.batch_size,
+                           train_mean_count=mean_count)
+    folder = os.path.join(args.output_dir, "count_examples")
+    os.makedirs(folder, exist_ok=True)
+    by_key = {(r.image_id, r.object_type): r for r in records}
+    shown = []
+    for n, p in enumerate(out["predictions"][:num_examples]):
+        im = ev.count_visualisation(by_key[(p["image"], p["object_type"])], p, args.min_pixels, args.max_pixels,
+                                    mark_style=args.mark_style)
+        im.save(os.path.join(folder, f"{n:02d}_{p['image'][-40:].replace('/', '_')}.png"))
+        shown.append((im, f"{p['object_type']}: counted {p['pred_count']}, truth {p['gt_count']}"))
+    if run.wandb is not None:
+        import wandb
+
+        run.wandb.log({"count/examples": [wandb.Image(im, caption=c) for im, c in shown]}, step=run.state["step"])
+    return dict(out["metrics"], split=split)
+
+
+def count_summary(m, args):
+    """The end of the console: the count in words a newcomer reads, and where the pictures are."""
+    stops = m["stop_reasons"]
+    by_head = stops.get("done", 0) / max(1, m["num_images"])
+    return (f"counted {m['num_images']} {m['split']} images one object at a time: mean absolute count error "
+            f"{m['mae']:.2f} objects (always guessing the mean count of the training images: "
+            f"{m['baseline_mean_count_mae']:.2f}); points found {m['recall']:.0%} of the objects (F1 {m['f1']:.2f}); "
+            f"{by_head:.0%} of the images stopped on the model's own 'all counted' signal (stops: {stops}). "
+            f"Pictures: {os.path.join(args.output_dir, 'count_examples')}/")
+
+
 def finish(run):
     """results.json (with the count evaluation if asked), the final console line, W&B's summary."""
     args = run.args
     final = run_files.results(run.state, "completed", run.trainable, run.t_start)
     if args.eval_count_images and run.is_main:
-        import evaluate_vlm_regression as ev
-
-        mean_count = float(np.mean([len(r.points) for r in run.data.train_records]))
-        final["count_eval"] = ev.count_records(
-            run.raw_model, run.processor, run.data.val_records[: args.eval_count_images], ordering=args.ordering,
-            min_pixels=args.min_pixels, max_pixels=args.max_pixels, batch_size=args.batch_size,
-            train_mean_count=mean_count)["metrics"]
+        final["count_eval"] = count_at_the_end(run)
     if run.is_main:
         run_files.write_results(args.output_dir, final)
         run.log(f"done: best val loss {final['best_val_loss']:.4f} at epoch {final['best_epoch']} (baseline "
                 f"{final['baseline_val_loss']:.4f}, ratio {final['best_val_loss'] / final['baseline_val_loss']:.3f}), "
                 f"{final['wall_time_s']:.0f} s; outputs in {args.output_dir}")
+        if "count_eval" in final:
+            run.log(count_summary(final["count_eval"], args))
     if run.wandb is not None:
         run.wandb.summary.update({k: v for k, v in final.items() if isinstance(v, (int, float, str))})
         run.wandb.finish()

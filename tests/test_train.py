@@ -194,3 +194,25 @@ def test_old_argument_spellings_still_parse():
     new = tr.parse_args(["--head_hidden_dim", "64", "--train_batches", "7", "--val_batches", "3", "--run_name", "x"])
     assert vars(old) == vars(new)
     assert (new.head_hidden_dim, new.train_batches, new.val_batches) == (64, 7, 3)
+
+
+def test_config_file_settings_and_the_count_at_the_end(tmp_path):
+    """--config sets flags from a YAML file (the command line wins, config.json records the result); with
+    --eval_count_split test the run ends by counting held-out test images, writes count_examples/ PNGs, stores the
+    metrics in results.json and says in words what it measured and where the pictures are. A config with an unknown
+    key is a one-line error."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("epochs: 1\ntrain_batches: 2\nval_batches: 1\nlr: 0.002\neval_count_split: test\n"
+                   "eval_count_images: 3\nsynthetic_num_test: 4\n")
+    out = tmp_path / "run"
+    proc = run_train(out, "--config", str(cfg), "--lr", "0.001")
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["train_batches"] == 2 and saved["lr"] == 0.001 and saved["config"] == str(cfg)
+    res = json.loads((out / "results.json").read_text())
+    assert res["count_eval"]["split"] == "test" and res["count_eval"]["num_images"] == 3
+    assert len(list((out / "count_examples").glob("*.png"))) == 3
+    assert "counted 3 test images one object at a time" in proc.stdout and "count_examples" in proc.stdout
+    cfg.write_text("epochs: 1\nlearning_rate: 0.1\n")
+    bad = run_train(tmp_path / "bad", "--config", str(cfg), check=False)
+    assert bad.returncode == 2 and "unknown setting(s) learning_rate" in bad.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "bad").exists()
