@@ -421,6 +421,15 @@ def add_model_args(parser):
     return g
 
 
+def check_model_args(parser, args):
+    """parser.error (one line, exit 2) for model arguments no model can be built with."""
+    for name in ("lora_r", "lora_alpha", "head_hidden_dim"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.lora_dropout < 1:
+        parser.error(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+
+
 def main(argv=None):
     import argparse
 
@@ -432,6 +441,7 @@ def main(argv=None):
     p.add_argument("--json", action="store_true", help="with --summary: print JSON")
     p.add_argument("--smoke", action="store_true", help="run one forward/backward pass")
     args = p.parse_args(argv)
+    check_model_args(p, args)
     if args.summary:
         s = summarize(args.model_name, args.lora_r, args.lora_alpha, args.mlp_layers, args.head_hidden_dim,
                       stop_rule=args.stop_rule)
