@@ -364,12 +364,18 @@ def summarize(model_name=DEFAULT_MODEL, lora_r=LORA_R, lora_alpha=LORA_ALPHA, ml
     states = trainable * 16
     act_full = 34 * text.hidden_size * tokens * text.num_hidden_layers
     act_ckpt = 2 * text.hidden_size * tokens * text.num_hidden_layers + 34 * text.hidden_size * tokens
+    # peft's trainable token rows rebuild the whole embedding matrix on each forward (a bf16 copy) and its gradient
+    # is full-size too: two embedding-sized bf16 tensors (0.78 GB each on the 4B), whatever the batch
+    token_rows_work = 2 * embed * 2
+    states += token_rows_work
     return {
         "model": model_name, "stop_rule": stop_rule, "total_params": total, "vision_params": vision, "language_params": total - vision,
         "embedding_rows": config.text_config.vocab_size, "embedding_params": embed,
         "lora_params": lora, "head_params": heads, "token_row_params": token_rows, "trainable_params": trainable,
         "memory_gib": {
-            "assumptions": f"batch {batch_size} x {tokens_per_sample} tokens, AdamW, fp32 trainable params",
+            "assumptions": f"batch {batch_size} x {tokens_per_sample} tokens, AdamW, fp32 trainable params, the "
+                           f"token rows' embedding copy and its gradient",
+            "token_rows_gib": round(token_rows_work / gib, 2),
             "bf16": round((weights_bf16 + states + act_full) / gib, 2),
             "bf16_gradient_checkpointing": round((weights_bf16 + states + act_ckpt) / gib, 2),
             "4bit": round((weights_4bit + states + act_full) / gib, 2),
@@ -391,6 +397,7 @@ def print_summary(s):
     print(f"training memory est. ({mem['assumptions']}):")
     for key in ("bf16", "bf16_gradient_checkpointing", "4bit", "4bit_gradient_checkpointing"):
         print(f"  {key:<28} {mem[key]:>7.2f} GiB")
+    print(f"  (of which the token rows' embedding copy + gradient: {mem['token_rows_gib']:.2f} GiB)")
 
 
 def smoke(model_name="tiny", **model_kwargs):

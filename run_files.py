@@ -331,7 +331,7 @@ def save_checkpoint(run_dir, model, processor, optimizer, scheduler, state, best
 
 
 def load_training_state(ckpt_dir, optimizer, scheduler, rank=0, world=1):
-    """Optimizer, scheduler and this rank's RNG state; returns state.json. A checkpoint saved by another number of
+    """Optimizer, scheduler and this rank's RNG state; returns state.json (with this rank's epoch sums). A checkpoint saved by another number of
     processes (or before per-rank states were kept) gives every rank rank 0's RNG state."""
     blob = torch.load(os.path.join(ckpt_dir, "training_state.pt"), map_location="cpu", weights_only=True)
     optimizer.load_state_dict(blob["optimizer"])
@@ -342,7 +342,10 @@ def load_training_state(ckpt_dir, optimizer, scheduler, rank=0, world=1):
     if rng["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda_rng"])
     with open(os.path.join(ckpt_dir, "state.json")) as f:
-        return json.load(f)
+        state = json.load(f)
+    if len(per_rank) == world and "epoch_sums" in rng:  # the losses summed by this rank (state.json holds rank 0's)
+        state["epoch_sums"] = rng["epoch_sums"]
+    return state
 
 
 def load_trained_weights(model, ckpt_dir):

@@ -302,11 +302,13 @@ def log_metrics(run, row):
 
 
 def checkpoint(run, best=False):
-    """Every rank's RNG state gathered (each rank draws its own dropout), the files written by rank 0."""
+    """Every rank's own RNG state and epoch sums gathered (each rank draws its own dropout and sums the losses of its
+    own slice), the files written by rank 0."""
     from accelerate.utils import gather_object
 
     run.accelerator.wait_for_everyone()
-    rank_rng = gather_object([run_files.rng_state()]) if run.accelerator.num_processes > 1 else None
+    rank_rng = gather_object([dict(run_files.rng_state(), epoch_sums=run.state["epoch_sums"])]) \
+        if run.accelerator.num_processes > 1 else None
     if run.is_main:
         run_files.save_checkpoint(run.args.output_dir, run.raw_model, run.processor, run.optimizer, run.scheduler,
                                   run.state, best, rank_rng)
