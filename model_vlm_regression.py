@@ -62,6 +62,9 @@ def coordinate_token_ids(processor):
     return ids
 
 
+DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}  # --dtype; None = default_dtype
+
+
 def default_dtype(device):
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 

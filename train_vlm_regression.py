@@ -52,6 +52,8 @@ def parse_args(argv=None):
     g = mvr.add_model_args(p)
     g.add_argument("--load_in_4bit", action="store_true", help="QLoRA: NF4 language model (CUDA or CPU)")
     g.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for activation memory")
+    g.add_argument("--dtype", default="auto", choices=tuple(mvr.DTYPES),
+                   help="the base model's weights (auto: bf16 on CUDA, fp32 on CPU; bf16 on CPU halves its memory)")
     # ---- Optimisation
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=int, default=4, help="per device")
@@ -506,7 +508,7 @@ def main(args):
     # ---- model and optimizer, restored from the checkpoint when resuming
     model, processor = mvr.build_model(
         args.model_name, args.lora_r, args.lora_alpha, args.lora_dropout, args.mlp_layers, args.head_hidden_dim,
-        device=accelerator.device, load_in_4bit=args.load_in_4bit,
+        device=accelerator.device, dtype=mvr.DTYPES[args.dtype], load_in_4bit=args.load_in_4bit,
         gradient_checkpointing=args.gradient_checkpointing, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
         stop_rule=args.stop_rule)
     model.config.update(ordering=args.ordering, mark_style=args.mark_style, done_fraction=args.done_fraction)
