@@ -157,8 +157,24 @@ def _image_size(path, skipped):
     return None
 
 
+def _as_points(points, where):
+    """float32 (N, 2) from a JSON list of [x, y] pairs; DataError naming `where` when it is not one."""
+    try:
+        pts = np.asarray(points, dtype=np.float64)
+        if pts.size and (pts.ndim != 2 or pts.shape[1] != 2):
+            raise ValueError(f"shape {pts.shape}")
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{where}: points are not a list of [x, y] pairs ({e})") from None
+    return pts.reshape(-1, 2)
+
+
 def _clip_points(points, w, h, skipped):
-    pts = np.asarray(points, dtype=np.float32).reshape(-1, 2)
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    finite = np.isfinite(pts).all(axis=1)
+    if not finite.all():  # a NaN or infinite point is no object: dropped, counted
+        skipped["nonfinite_points"] += int((~finite).sum())
+        pts = pts[finite]
+    pts = pts.astype(np.float32)
     clipped = np.clip(pts, 0, [w, h]).astype(np.float32)
     n = int(np.any(clipped != pts, axis=1).sum())
     if n:
@@ -177,9 +193,14 @@ def _fsc147_records(root, split, skipped, annotation_file=None):
     if not os.path.isdir(image_dir):
         raise DataError(f"{image_dir}: FSC-147 image folder not found")
     splits = _read_json(split_path)
+    if not isinstance(splits, dict) or not all(isinstance(v, list) for v in splits.values()):
+        raise DataError(f"{split_path}: expected {{split name: [image names]}}, got {type(splits).__name__}")
     if split not in splits:
         raise DataError(f"{split_path}: no split {split!r} (has {sorted(splits)})")
+    _check_split_lists(split_path, splits)
     annotations = _read_json(ann_path)
+    if not isinstance(annotations, dict):
+        raise DataError(f"{ann_path}: expected {{image name: annotation}}, got {type(annotations).__name__}")
     classes = {}
     with open(class_path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -202,11 +223,31 @@ def _fsc147_records(root, split, skipped, annotation_file=None):
         size = _image_size(path, skipped)
         if size is None:
             continue
+        if not isinstance(ann, dict):
+            raise DataError(f"{ann_path}: image {name}: annotation is a {type(ann).__name__}, not an object")
         # points are in the frame of the file on disk; ann["H"], ann["W"] are the ORIGINAL size and never used
-        pts = _clip_points(ann.get("points", []), *size, skipped)
+        pts = _clip_points(_as_points(ann.get("points", []), f"{ann_path}: image {name}"), *size, skipped)
         records.append(CountingRecord(name, classes[name], pts, path, *size,
                                       object_size=_exemplar_size(ann.get("box_examples_coordinates"))))
     return records
+
+
+def _check_split_lists(path, splits):
+    """An image listed twice in a split, or in two of train/val/test (a leak: validation on training images), is an
+    error. The real file's val_coco and test_coco are subsets of val and test, so they are checked on their own."""
+    for split_name, names in splits.items():
+        seen = {}
+        for name in names:
+            if name in seen:
+                raise DataError(f"{path}: image {name} is listed twice in split {split_name!r}")
+            seen[name] = split_name
+    seen = {}
+    for split_name in ("train", "val", "test"):
+        for name in splits.get(split_name, []):
+            if name in seen:
+                raise DataError(f"{path}: image {name} is listed in splits {seen[name]!r} and {split_name!r} (a leak "
+                                f"between splits)")
+            seen[name] = split_name
 
 
 def _exemplar_size(boxes):
@@ -243,14 +284,52 @@ def _omnicount_records(root, split, categories, skipped):
         ann_path = os.path.join(split_dir, "_annotations.coco.json")
         if not os.path.isfile(ann_path):
             raise DataError(f"{ann_path}: COCO annotation file not found")
-        records += _coco_records(_read_json(ann_path), split_dir, f"{cat}/{split}/", skipped)
+        coco = _read_json(ann_path)
+        try:
+            records += _coco_records(coco, split_dir, f"{cat}/{split}/", skipped, ann_path)
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            if isinstance(e, DataError):
+                raise
+            raise DataError(f"{ann_path}: not COCO annotations as expected ({type(e).__name__}: {e})") from None
     return records
 
 
-def _coco_records(coco, image_dir, id_prefix, skipped):
-    """One record per (image, category) with the box centres of that category only (images are multi-label)."""
+def _coco_images(coco, path):
+    """{image id: image entry}; an id or a file listed twice is an error (one image would get another's boxes)."""
+    if not isinstance(coco, dict) or not isinstance(coco.get("images", []), list):
+        raise DataError(f"{path}: expected a COCO object with an 'images' list")
+    images, files = {}, {}
+    for im in coco.get("images", []):
+        if im["id"] in images:
+            raise DataError(f"{path}: image id {im['id']} is listed twice ({images[im['id']]['file_name']}, "
+                            f"{im['file_name']})")
+        if im["file_name"] in files:
+            raise DataError(f"{path}: image {im['file_name']} is listed twice (ids {files[im['file_name']]}, {im['id']})")
+        images[im["id"]], files[im["file_name"]] = im, im["id"]
+    return images
+
+
+def _coco_box(a, skipped):
+    """(x, y, w, h) of an annotation, or None (counted) when it has no usable box."""
+    box = a.get("bbox")
+    if not isinstance(box, (list, tuple)) or len(box) != 4:
+        skipped["annotation_without_bbox"] += 1
+        return None
+    try:
+        box = [float(v) for v in box]
+    except (TypeError, ValueError):
+        box = [float("nan")]
+    if not all(np.isfinite(box)) or box[2] < 0 or box[3] < 0:
+        skipped["annotation_bad_bbox"] += 1
+        return None
+    return box
+
+
+def _coco_records(coco, image_dir, id_prefix, skipped, path="COCO annotations"):
+    """One record per (image, category) with the box centres of that category only (images are multi-label). Boxes
+    are in the frame of the image size the JSON states; when the file on disk has another size they are rescaled."""
+    images = _coco_images(coco, path)
     names = {c["id"]: c["name"] for c in coco.get("categories", [])}
-    images = {im["id"]: im for im in coco.get("images", [])}
     centres = {}  # (image id, category id) -> list of centres
     for a in coco.get("annotations", []):
         if a.get("image_id") not in images:
@@ -259,7 +338,10 @@ def _coco_records(coco, image_dir, id_prefix, skipped):
         if a.get("category_id") not in names:
             skipped["unknown_category_id"] += 1
             continue
-        x, y, w, h = a["bbox"]
+        box = _coco_box(a, skipped)
+        if box is None:
+            continue
+        x, y, w, h = box
         centres.setdefault((a["image_id"], a["category_id"]), []).append((x + w / 2, y + h / 2, min(w, h)))
     by_image = {}
     for (image_id, cat_id), pts in centres.items():
@@ -274,12 +356,18 @@ def _coco_records(coco, image_dir, id_prefix, skipped):
         size = _image_size(path, skipped)
         if size is None:
             continue
+        scale = np.ones(2)
         if (im.get("width"), im.get("height")) != tuple(size):
-            skipped["size_mismatch"] += 1  # trust the file: it is what gets marked and shown to the model
+            # the file is what gets marked and shown to the model: boxes move into its frame
+            skipped["size_mismatch_rescaled"] += 1
+            if isinstance(im.get("width"), (int, float)) and isinstance(im.get("height"), (int, float)) and \
+                    im["width"] > 0 and im["height"] > 0:
+                scale = np.array([size[0] / im["width"], size[1] / im["height"]])
         for cat_id, objs in sorted(groups, key=lambda g: names[g[0]]):
-            sides = [o[2] for o in objs if o[2] > 0]
+            sides = [o[2] * min(scale) for o in objs if o[2] > 0]
+            pts = np.array([o[:2] for o in objs], np.float64).reshape(-1, 2) * scale
             records.append(CountingRecord(id_prefix + im["file_name"], names[cat_id],
-                                          _clip_points([o[:2] for o in objs], *size, skipped), path, *size,
+                                          _clip_points(pts, *size, skipped), path, *size,
                                           object_size=float(np.median(sides)) if sides else None))
     records.sort(key=lambda r: (r.image_id, r.object_type))
     return records
@@ -469,6 +557,27 @@ def add_data_args(parser):
     return parser
 
 
+def check_data_args(parser, args):
+    """parser.error (one line, exit 2) for data arguments no run can use."""
+    for name, low in (("min_objects", 0), ("max_objects", 1), ("min_pixels", 1), ("max_pixels", 1),
+                      ("synthetic_image_size", 32), ("synthetic_min_count", 1), ("synthetic_max_count", 1),
+                      ("synthetic_num_train", 0), ("synthetic_num_val", 0), ("synthetic_num_test", 0),
+                      ("synthetic_distractor_types", 0)):
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            parser.error(f"--{name} must be >= {low}, got {value}")
+    pairs = (("min_pixels", "max_pixels"), ("min_objects", "max_objects"), ("synthetic_min_count", "synthetic_max_count"),
+             ("synthetic_min_radius", "synthetic_max_radius"))
+    for low, high in pairs:
+        a, b = getattr(args, low, None), getattr(args, high, None)
+        if a is not None and b is not None and a > b:
+            parser.error(f"--{high} ({b}) must be >= --{low} ({a})")
+    if getattr(args, "synthetic_min_radius", None) is not None and not args.synthetic_min_radius > 0:
+        parser.error(f"--synthetic_min_radius must be > 0, got {args.synthetic_min_radius}")
+    if getattr(args, "done_fraction", None) is not None and not 0 <= args.done_fraction < 1:
+        parser.error(f"--done_fraction must be in [0, 1), got {args.done_fraction}")
+
+
 def synthetic_config_from_args(args):
     return synth.SyntheticConfig(image_size=args.synthetic_image_size, min_count=args.synthetic_min_count,
                                  max_count=args.synthetic_max_count, num_train=args.synthetic_num_train,
@@ -561,11 +670,19 @@ def main(argv=None):
     parser.add_argument("--format", choices=("fsc147", "omnicount"), default="fsc147", help="--make_synthetic's layout")
     parser.add_argument("--num_images", type=int, default=100, help="--make_synthetic: images over all splits")
     parser.add_argument("--out", default=None, help="output folder of --preview and --make_synthetic")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="--make_synthetic: replace the files of a non-empty --out (refused without it)")
     args = parser.parse_args(argv)
+    check_data_args(parser, args)
+    if args.preview < 0 or args.num_images < 1:
+        parser.error(f"--preview must be >= 0 and --num_images >= 1, got {args.preview} and {args.num_images}")
     try:
         if args.make_synthetic:
             if not args.out:
                 parser.error("--make_synthetic needs --out")
+            if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
+                raise DataError(f"{args.out} is not empty ({len(os.listdir(args.out))} entries); --overwrite "
+                                f"replaces its dataset files, or choose another --out")
             cfg = synthetic_config_from_args(args)
             sizes = synth.write_synthetic(args.out, args.format, args.num_images, args.seed, cfg)
             print(f"wrote {args.format} dataset to {args.out}: {sizes}")
@@ -592,6 +709,9 @@ def main(argv=None):
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a read-only folder: one line, not a traceback
+        print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -578,6 +579,23 @@ def checkpoint_defaults(ckpt, run_dir, dataset=None):
     return out
 
 
+def check_args(p, args):
+    """argparse-style one-line errors (exit 2) for values no evaluation can use."""
+    data.check_data_args(p, args)
+    for name, low in (("batch_size", 1), ("num_images", 0), ("max_steps", 1), ("num_vis", 0)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            p.error(f"--{name} must be >= {low}, got {value}")
+    if not 0 < args.done_threshold < 1:
+        p.error(f"--done_threshold must be in (0, 1), got {args.done_threshold}")
+    if not (math.isfinite(args.oracle_noise_px) and args.oracle_noise_px >= 0):
+        p.error(f"--oracle_noise_px must be >= 0, got {args.oracle_noise_px}")
+    for name in ("stop_radius", "match_radius"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            p.error(f"--{name} must be > 0, got {value}")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # ---- Checkpoint and data
@@ -628,6 +646,7 @@ def parse_args(argv=None):
     if ckpt:
         p.set_defaults(**checkpoint_defaults(ckpt, run_dir, first.dataset))
     args = p.parse_args(argv)
+    check_args(p, args)
     args.mark_style = args.mark_style or "auto"
     if args.oracle and args.mode != "count":
         p.error("--oracle counts (--mode count)")

@@ -63,6 +63,9 @@ def coordinate_token_ids(processor):
     return ids
 
 
+DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}  # --dtype; None = default_dtype
+
+
 def default_dtype(device):
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
@@ -511,12 +514,18 @@ def summarize(model_name=DEFAULT_MODEL, lora_r=LORA_R, lora_alpha=LORA_ALPHA, ml
     states = trainable * 16
     act_full = 34 * text.hidden_size * tokens * text.num_hidden_layers
     act_ckpt = 2 * text.hidden_size * tokens * text.num_hidden_layers + 34 * text.hidden_size * tokens
+    # peft's trainable token rows rebuild the whole embedding matrix on each forward (a bf16 copy) and its gradient
+    # is full-size too: two embedding-sized bf16 tensors (0.78 GB each on the 4B), whatever the batch
+    token_rows_work = 2 * embed * 2
+    states += token_rows_work
     return {
         "model": model_name, "stop_rule": stop_rule, "total_params": total, "vision_params": vision, "language_params": total - vision,
         "embedding_rows": config.text_config.vocab_size, "embedding_params": embed,
         "lora_params": lora, "head_params": heads, "token_row_params": token_rows, "trainable_params": trainable,
         "memory_gib": {
-            "assumptions": f"batch {batch_size} x {tokens_per_sample} tokens, AdamW, fp32 trainable params",
+            "assumptions": f"batch {batch_size} x {tokens_per_sample} tokens, AdamW, fp32 trainable params, the "
+                           f"token rows' embedding copy and its gradient",
+            "token_rows_gib": round(token_rows_work / gib, 2),
             "bf16": round((weights_bf16 + states + act_full) / gib, 2),
             "bf16_gradient_checkpointing": round((weights_bf16 + states + act_ckpt) / gib, 2),
             "4bit": round((weights_4bit + states + act_full) / gib, 2),
@@ -538,6 +547,7 @@ def print_summary(s):
     print(f"training memory est. ({mem['assumptions']}):")
     for key in ("bf16", "bf16_gradient_checkpointing", "4bit", "4bit_gradient_checkpointing"):
         print(f"  {key:<28} {mem[key]:>7.2f} GiB")
+    print(f"  (of which the token rows' embedding copy + gradient: {mem['token_rows_gib']:.2f} GiB)")
 
 
 def smoke(model_name="tiny", **model_kwargs):
@@ -568,6 +578,15 @@ def add_model_args(parser):
     return g
 
 
+def check_model_args(parser, args):
+    """parser.error (one line, exit 2) for model arguments no model can be built with."""
+    for name in ("lora_r", "lora_alpha", "head_hidden_dim"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.lora_dropout < 1:
+        parser.error(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+
+
 def main(argv=None):
     import argparse
 
@@ -589,6 +608,7 @@ def main(argv=None):
         print(f"exported {args.export[0]} to {export(*args.export, merge=args.merge, dtype=args.dtype)}"
               + (" (merged)" if args.merge else ""))
         return
+    check_model_args(p, args)
     if args.summary:
         s = summarize(args.model_name, args.lora_r, args.lora_alpha, args.mlp_layers, args.head_hidden_dim,
                       stop_rule=args.stop_rule)

@@ -44,6 +44,7 @@ def load_data(args, world, rank):
     try:
         train_records, train_skipped = data.records_from_args(args, args.train_split)
         val_records, val_skipped = data.records_from_args(args, args.val_split)
+        check_disjoint(train_records, val_records, args.train_split, args.val_split)
     except data.DataError as e:
         sys.exit(f"error: {e}")
     dkw = dict(ordering=args.ordering, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
@@ -60,6 +61,15 @@ def load_data(args, world, rank):
     val_order = val_order[: max(world, len(val_order) // world * world)]  # equal shards, so ranks can gather
     return TrainData(train_records, val_records, train_ds, val_ds, train_batches, val_order,
                      val_order[rank::world].tolist(), {"train": train_skipped, "val": val_skipped})
+
+
+def check_disjoint(train_records, val_records, train_split, val_split):
+    """DataError when an image file is in both splits: validation on training images would look better than it is."""
+    train_paths = {os.path.realpath(r.image_path) for r in train_records if r.image_path}
+    leaked = sorted({r.image_path for r in val_records if r.image_path and os.path.realpath(r.image_path) in train_paths})
+    if leaked:
+        raise data.DataError(f"{leaked[0]}: image in both the {train_split!r} and the {val_split!r} split "
+                             f"({len(leaked)} such images; a leak between splits)")
 
 
 def baseline_val_loss(d, seed, stop_head=False):

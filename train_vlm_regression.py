@@ -71,6 +71,8 @@ def parse_args(argv=None):
     g = mvr.add_model_args(p)
     g.add_argument("--load_in_4bit", action="store_true", help="QLoRA: NF4 language model (CUDA or CPU)")
     g.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for activation memory")
+    g.add_argument("--dtype", default="auto", choices=tuple(mvr.DTYPES),
+                   help="the base model's weights (auto: bf16 on CUDA, fp32 on CPU; bf16 on CPU halves its memory)")
     # ---- Optimisation
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=int, default=4, help="per device")
@@ -93,7 +95,10 @@ def parse_args(argv=None):
     g.add_argument("--output_dir", default=None, help="default: runs/<run_name>")
     g.add_argument("--run_name", default=None, help="default: <dataset>-<model>-<time>")
     g.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="resume from a checkpoint folder; alone: OUTPUT_DIR/checkpoints/last")
+                   help="resume from a checkpoint folder; alone: OUTPUT_DIR/checkpoints/last (or its newest intact "
+                        "step-N); the model settings must match the checkpoint's")
+    g.add_argument("--overwrite", action="store_true",
+                   help="clear a previous run in --output_dir first (without it or --resume, such a folder is refused)")
     g.add_argument("--checkpoint_every", type=int, default=0,
                    help="also save checkpoints/last every N optimizer steps (long epochs on preemptible nodes)")
     g.add_argument("--num_workers", type=int, default=None,
@@ -113,6 +118,7 @@ def parse_args(argv=None):
     if first.config:
         p.set_defaults(**config_defaults(p, first.config))
     args = p.parse_args(argv)
+    check_args(p, args)
     if args.num_workers is None:
         args.num_workers = train_data.default_num_workers()
     default_train, default_val = DEFAULT_SPLITS[args.dataset]
@@ -125,6 +131,27 @@ def parse_args(argv=None):
         args.run_name = f"{args.dataset}-{model}-{time.strftime('%Y%m%d-%H%M%S')}"
     args.output_dir = args.output_dir or os.path.join("runs", args.run_name)
     return args
+
+
+def check_args(p, args):
+    """argparse-style one-line errors (exit 2) for values no run can use; nothing is read or written yet."""
+    data.check_data_args(p, args)
+    mvr.check_model_args(p, args)
+    for name, low in (("batch_size", 1), ("grad_accum", 1), ("epochs", 1), ("train_batches", 0), ("val_batches", 0),
+                      ("warmup_steps", 0), ("checkpoint_every", 0), ("num_val_images", 0), ("log_every", 1),
+                      ("eval_count_images", 0), ("num_workers", 0)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            p.error(f"--{name} must be >= {low}, got {value}")
+    for name in ("lr", "mlp_lr_multiplier", "mlp_lr"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            p.error(f"--{name} must be a positive number, got {value}")
+    for name in ("max_grad_norm", "weight_decay"):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
+            p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.resume and args.overwrite:
+        p.error("--resume continues the run in --output_dir and --overwrite clears it: give one of them")
 
 
 # -----------------------------------------------------------------------------
@@ -302,10 +329,16 @@ def log_metrics(run, row):
 
 
 def checkpoint(run, best=False):
+    """Every rank's own RNG state and epoch sums gathered (each rank draws its own dropout and sums the losses of its
+    own slice), the files written by rank 0."""
+    from accelerate.utils import gather_object
+
     run.accelerator.wait_for_everyone()
+    rank_rng = gather_object([dict(run_files.rng_state(), epoch_sums=run.state["epoch_sums"])]) \
+        if run.accelerator.num_processes > 1 else None
     if run.is_main:
         run_files.save_checkpoint(run.args.output_dir, run.raw_model, run.processor, run.optimizer, run.scheduler,
-                                  run.state, best)
+                                  run.state, best, rank_rng)
 
 
 # -----------------------------------------------------------------------------
@@ -365,6 +398,8 @@ def after_optimizer_step(run, epoch, batch_index, grad_norm, stop, bar):
                 f"(code {EXIT_PREEMPTED}); continue with --resume")
         if run.is_main:
             run_files.write_results(args.output_dir, run_files.results(state, "preempted", run.trainable, run.t_start))
+        # no rank exits before rank 0 has written: torchrun kills the remaining ranks 30 s after the first one exits
+        run.accelerator.wait_for_everyone()
         sys.exit(EXIT_PREEMPTED)
     if args.checkpoint_every and state["step"] % args.checkpoint_every == 0 and not last_batch:
         checkpoint(run)
@@ -516,20 +551,24 @@ def main(args):
     t_start = time.time()
     # cpu=True is what makes accelerate use gloo for a multi-process CPU run (torchrun without GPUs)
     accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum, cpu=not torch.cuda.is_available())
-    is_main, world = accelerator.is_main_process, accelerator.num_processes
+    is_main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     log = (lambda *a: tqdm.write(" ".join(str(x) for x in a))) if is_main else (lambda *a: None)
-    set_seed(args.seed)
-    os.makedirs(args.output_dir, exist_ok=True)
+    set_seed(args.seed)  # the same initialisation on every rank
     preempt = Preemption()
-    resume_dir = run_files.find_resume_dir(args, log)
 
-    # ---- data
-    d = train_data.load_data(args, world, accelerator.process_index)
+    # ---- checks, all before anything in the output folder is written: the folder, the checkpoint, the data
+    if is_main and os.path.isdir(args.output_dir):
+        run_files.lock_output_dir(args.output_dir)  # a second training into this folder fails here, at once
+    run_files.check_output_dir(args)
+    resume_dir = run_files.find_resume_dir(args, log)
+    if resume_dir:
+        run_files.check_resume_compatible(args, resume_dir)
+    d = train_data.load_data(args, world, rank)
 
     # ---- model and optimizer, restored from the checkpoint when resuming
     model, processor = mvr.build_model(
         args.model_name, args.lora_r, args.lora_alpha, args.lora_dropout, args.mlp_layers, args.head_hidden_dim,
-        device=accelerator.device, load_in_4bit=args.load_in_4bit,
+        device=accelerator.device, dtype=mvr.DTYPES[args.dtype], load_in_4bit=args.load_in_4bit,
         gradient_checkpointing=args.gradient_checkpointing, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
         stop_rule=args.stop_rule)
     model.config.update(ordering=args.ordering, mark_style=args.mark_style, done_fraction=args.done_fraction)
@@ -540,11 +579,19 @@ def main(args):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, total_steps))
     trainable = sum(p.numel() for ps in model.trainable_groups().values() for p in ps)
     state = run_files.new_state()
+    if world > 1:
+        set_seed(args.seed + rank)  # each rank its own dropout stream (a resume restores each rank's own state)
     if resume_dir:
         run_files.load_trained_weights(model, resume_dir)
-        state = run_files.load_training_state(resume_dir, optimizer, scheduler)
+        state = run_files.load_training_state(resume_dir, optimizer, scheduler, rank, world)
         log(f"resumed from {os.path.realpath(resume_dir)}: epoch {state['epoch']}, batch {state['batch_in_epoch']}, "
             f"step {state['step']}")
+
+    # ---- every check passed: the folder is this run's (lock, --overwrite, stale temp files)
+    if is_main:
+        run_files.claim_output_dir(args, log)
+        CLAIMED.add(os.path.abspath(args.output_dir))
+    accelerator.wait_for_everyone()
     model, optimizer = accelerator.prepare(model, optimizer)
     run = Run(args, accelerator, log, d, model, accelerator.unwrap_model(model), processor, collate, optimizer,
               scheduler, state, trainable, preempt, t_start)
@@ -571,13 +618,31 @@ def main(args):
     return finish(run)
 
 
+CLAIMED = set()  # output folders this process has taken (all checks passed): only there may it write `failed`
+
+
 def run_main(argv=None):
-    """main(), but an unexpected error still leaves results.json saying `failed` and why, for the sweep tools."""
+    """main(), with one-line errors: a refused start (exit 2), bad data or a failed write such as a full disk (exit
+    1). An unexpected error in a run that had started leaves results.json saying `failed` and why, for the sweep
+    tools; a start refused before that writes nothing, so a finished run in the folder keeps its files."""
     args = parse_args(argv)  # once: the default output_dir holds the time, a second parse could name another
+    ours = lambda: os.path.abspath(args.output_dir) in CLAIMED  # noqa: E731
     try:
         return main(args)
+    except run_files.RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (data.DataError, OSError) as e:
+        message = str(e) if isinstance(e, data.DataError) else \
+            f"{e.filename or args.output_dir}: {e.strerror or e} (errno {e.errno})"
+        if ours():
+            try:
+                run_files.write_results(args.output_dir, {"status": "failed", "error": message[:2000]})
+            except OSError:
+                pass  # the disk is still full: the message below is all there is
+        sys.exit(f"error: {message}")
     except Exception as e:
-        if os.path.isdir(args.output_dir) and int(os.environ.get("RANK", "0")) == 0:
+        if ours():
             run_files.write_results(args.output_dir, {"status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]})
         raise
 

@@ -84,6 +84,8 @@ def main(argv=None):
     p.add_argument("--model_name", default="tiny", help="hub id, local folder, or `tiny`")
     p.add_argument("--random_weights", action="store_true", help="architecture from config, random weights")
     p.add_argument("--load_in_4bit", action="store_true", help="QLoRA: NF4 language model")
+    p.add_argument("--dtype", default="auto", choices=tuple(mvr.DTYPES),
+                   help="base weights (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for activation memory")
     # ---- Data
     p.add_argument("--batch_size", type=int, default=4, help="samples per step")
@@ -99,7 +101,8 @@ def main(argv=None):
     if args.num_workers is None:
         args.num_workers = train_data.default_num_workers()
     name = random_weights_dir(args.model_name) if args.random_weights else args.model_name
-    model, processor = mvr.build_model(name, device=device, load_in_4bit=args.load_in_4bit,
+    model, processor = mvr.build_model(name, device=device, dtype=mvr.DTYPES[args.dtype],
+                                       load_in_4bit=args.load_in_4bit,
                                        gradient_checkpointing=args.gradient_checkpointing)
     model.train()
     size = args.image_size or (224 if args.model_name == "tiny" else 512)
@@ -118,7 +121,7 @@ def main(argv=None):
     out = {
         "model": args.model_name, "random_weights": args.random_weights, "device": device,
         "device_name": torch.cuda.get_device_name() if device == "cuda" else f"{os.cpu_count()} CPU cores",
-        "dtype": str(mvr.default_dtype(device)), "load_in_4bit": args.load_in_4bit,
+        "dtype": str(mvr.DTYPES[args.dtype] or mvr.default_dtype(device)), "load_in_4bit": args.load_in_4bit,
         "gradient_checkpointing": args.gradient_checkpointing, "batch_size": args.batch_size,
         "image_size": size, "tokens_per_sample": int(batch["input_ids"].shape[1]),
         "full_step_ms": round(full_ms, 1), "bare_fwd_bwd_ms": round(bare_ms, 1),

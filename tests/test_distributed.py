@@ -62,14 +62,38 @@ def test_two_processes_match_one_and_write_once(tmp_path):
     assert steps == links and not glob.glob(str(two / "checkpoints/.tmp-*"))  # written once, by rank 0
 
 
-def test_two_process_run_resumes(tmp_path):
-    """A two-process run continues from its checkpoint to the later epoch count."""
-    out = tmp_path / "run"
-    run(torchrun(), out, "--batch_size", "2", "--epochs", "1", "--wandb_mode", "disabled")
-    run(torchrun(), out, "--batch_size", "2", "--epochs", "2", "--wandb_mode", "disabled", "--resume")
-    res = json.loads((out / "results.json").read_text())
+def test_two_process_preemption_and_resume_equal_an_uninterrupted_run(tmp_path):
+    """SIGTERM to torchrun mid-epoch: every rank stops at the same step, rank 0's checkpoint is complete before any
+    rank exits, results.json says preempted; resuming (each rank its own RNG state: dropout is on and differs per
+    rank) ends with exactly the metrics of an uninterrupted two-process run."""
+    import signal
+    import time
+
+    import run_files
+
+    args = ["--batch_size", "2", "--epochs", "2", "--wandb_mode", "disabled", "--lora_dropout", "0.2"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    run(torchrun(), whole, *args)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([*torchrun(), "train_vlm_regression.py", *COMMON, "--output_dir", str(cut), *args],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.time() + 300
+    while not (cut / "metrics.jsonl").exists() or not (cut / "metrics.jsonl").read_text().strip():
+        assert time.time() < deadline and proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=300)[0]
+    res = json.loads((cut / "results.json").read_text())
+    assert res["status"] == "preempted" and 0 < res["step"] < 8, out[-3000:]
+    assert run_files.checkpoint_problem(str(cut / "checkpoints" / "last")) is None
+    assert "rank_rng" in open(cut / "checkpoints" / "last" / "training_state.pt", "rb").read().decode("latin-1")
+    run(torchrun(), cut, *args, "--resume")
+    res = json.loads((cut / "results.json").read_text())
     assert res["status"] == "completed" and res["epochs_completed"] == 2 and res["step"] == 8
-    assert [r["epoch"] for r in epoch_rows(out)] == [1, 2]
+    a, b = epoch_rows(whole), epoch_rows(cut)
+    assert [r["epoch"] for r in b] == [1, 2]
+    for key in ("train/loss", "val/loss", "val/pixel_error"):
+        assert [r[key] for r in b] == pytest.approx([r[key] for r in a], rel=1e-6), key
 
 
 def test_two_processes_with_4bit_and_gradient_checkpointing(tmp_path):
