@@ -7,6 +7,7 @@ path, built in seconds) and random-weight copies of real architectures (for benc
 The cache lives in $VLM_REGRESSION_CACHE, else $XDG_CACHE_HOME/vlm_regression, else ~/.cache/vlm_regression.
 """
 
+import gc
 import json
 import os
 import shutil
@@ -221,5 +222,7 @@ def random_weights_dir(model_name):
             model = Qwen3VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
         model.save_pretrained(out_dir)
         processor.save_pretrained(out_dir)
+        del model
+        gc.collect()  # the model's reference cycles would otherwise keep its 8.9 GB (4B) alive into the caller's load
 
     return build_once(os.path.join(cache_dir(), "random-" + model_name.replace("/", "--")), build)

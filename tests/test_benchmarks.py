@@ -1,0 +1,42 @@
+"""benchmarks/gpu_check.sh in its CPU mode (tiny model, one step per part): every part runs and the one JSON file
+holds the figures the GPU run reports."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_gpu_check_cpu_mode_writes_every_part(tmp_path):
+    out = tmp_path / "sub" / "gpu_check.json"
+    env = dict(os.environ, GPU_CHECK_CPU="1", PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert {"seconds", "torch", "transformers", "peft", "device"} <= set(result)
+    for name in ("lora_bf16", "lora_bf16_gradient_checkpointing"):
+        part = result[name]
+        assert "error" not in part, part
+        assert part["samples_per_s"] > 0 and part["batch_size"] == 2 and "peak_gpu_mem_gib" in part
+    assert result["lora_bf16_gradient_checkpointing"]["gradient_checkpointing"] is True
+    assert result["lora_bf16"]["gradient_checkpointing"] is False
+    qlora = result["qlora_nf4"]  # bitsandbytes is installed here: then QLoRA is measured too
+    assert ("samples_per_s" in qlora and qlora["load_in_4bit"] is True) or qlora == {
+        "unavailable": "bitsandbytes not installed"}, qlora
+    count = result["counting_forwards"]
+    assert "error" not in count, count
+    assert count["forwards_per_s"] > 0 and count["batch_size"] == 2 and count["tokens_per_sample"] > 0
+
+
+def test_gpu_check_records_parts_out_of_budget(tmp_path):
+    """A part left without time is an error record in the file, not a crash of the whole check."""
+    out = tmp_path / "gpu_check.json"
+    env = dict(os.environ, GPU_CHECK_CPU="1", PYTHON=sys.executable, GPU_CHECK_BUDGET_S="0")
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["lora_bf16"] == {"error": "not run: the 0 s budget was spent"}
+    assert "error" in result["counting_forwards"]
