@@ -146,13 +146,14 @@ def make_head(in_dim, hidden_dim=HEAD_HIDDEN_DIM, num_layers=MLP_LAYERS, tanh=Tr
 
 
 def regression_loss(pred, target, mask=None):
-    """MSE(x) + MSE(y) over the rows where mask is true (all rows if None): (total, loss_x, loss_y). With no row
-    left the losses are 0 (and still carry the graph, so every rank's backward sees the same parameters)."""
+    """MSE(x) + MSE(y): (total, loss_x, loss_y). With a mask, rows where it is false count 0 and the sum is still
+    divided by the number of rows: a per-sample mean, so a global batch has the same loss and gradient however it
+    is split over processes (dividing by each rank's own count of kept rows would not be), and a batch with no kept
+    row has loss 0 that still carries the graph (every rank's backward sees the same parameters)."""
     if mask is not None:
         w = mask.float()
-        n = w.sum().clamp(min=1.0)
-        loss_x = (((pred[:, 0] - target[:, 0]) ** 2) * w).sum() / n
-        loss_y = (((pred[:, 1] - target[:, 1]) ** 2) * w).sum() / n
+        loss_x = (((pred[:, 0] - target[:, 0]) ** 2) * w).mean()
+        loss_y = (((pred[:, 1] - target[:, 1]) ** 2) * w).mean()
         return loss_x + loss_y, loss_x, loss_y
     loss_x = ((pred[:, 0] - target[:, 0]) ** 2).mean()
     loss_y = ((pred[:, 1] - target[:, 1]) ** 2).mean()

@@ -186,11 +186,12 @@ def test_array_of_four_runs_to_completion_through_the_real_script(sweep):
 def test_status_counts_shows_the_failed_task_and_the_resubmit_line(sweep):
     needs(sweep, "array_done")
     job = sweep["job"]
-    out = status(sweep, until=rf"FAILED \(exit 1:0\), job {job}_{BROKEN}")  # no JOB_ID: the tasks recorded it
+    out = status(sweep, until=rf"FAILED \(exit 2:0\), job {job}_{BROKEN}")  # no JOB_ID: the tasks recorded it
     assert "pending 0 | running 0 | completed 3 | failed 1 | not started 0" in out, out
-    assert f"task {BROKEN}  {RUNS[BROKEN]}  FAILED (exit 1:0), job {job}_{BROKEN}" in out, out
+    # training refuses to resume from a checkpoint that is not intact: one line, exit 2, nothing written
+    assert f"task {BROKEN}  {RUNS[BROKEN]}  FAILED (exit 2:0), job {job}_{BROKEN}" in out, out
     assert f"log {sweep['submit']}/logs/hparam_search_{job}_{BROKEN}.out:" in out
-    assert "training exited with 1" in out and "Error" in out  # the end of the failed task's log
+    assert "training exited with 2" in out and "no intact checkpoint to resume" in out  # the end of its log
     line = out.split(f"Resubmit the failed and not-started tasks ({BROKEN}):\n")[1].splitlines()[0].strip()
     assert line.startswith(f"cd {sweep['submit']} && ")
     assert line.endswith(f" sbatch --array={BROKEN}%10 --gres=none --cpus-per-task=1 --mem=2G --time=30 {SCRIPT}")
@@ -209,8 +210,8 @@ def test_analysis_of_the_cluster_sweep(sweep, capsys):
     assert sorted(done.run) == sorted(RUNS[:BROKEN] + RUNS[BROKEN + 1:])
     assert list(done.best_val_loss) == sorted(done.best_val_loss) and list(done["rank"]) == [1, 2, 3]
     assert sorted(done.task) == [0, 1, 3] and done.pixel_error.notna().all()
-    # the broken task crashed on its corrupt checkpoint: training's results.json says failed, with the error
-    assert re.search(rf"failed\s+{RUNS[BROKEN]}: .*FileNotFoundError", out), out
+    # the broken task's training refused its cut checkpoint before writing anything: listed, not ranked
+    assert re.search(rf"incomplete\s+{RUNS[BROKEN]}: config.json missing", out), out
     table = [line for line in out.splitlines() if line.startswith("| ")]
     assert len(table) == 4 and table[1].startswith(f"| 1 | {done.run.iloc[0]} |")
     for png in ("val_loss_vs_lr.png", "rank_alpha_heatmap.png", "mlp_depth.png", "learning_curves_top.png",
@@ -226,7 +227,7 @@ def results_mtimes(sweep):
 def test_the_printed_resubmit_line_runs_only_the_failed_task(sweep):
     needs(sweep, "resubmit")
     shutil.rmtree(sweep["dir"] / RUNS[BROKEN] / "checkpoints")  # the user's fix
-    before = {k: v for k, v in results_mtimes(sweep).items() if k != RUNS[BROKEN]}  # its `failed` is rewritten
+    before = results_mtimes(sweep)  # the broken run has none: its refused start wrote nothing
     # as a user would paste it: no sweep settings in the environment, only the cluster's address
     out = run(["bash", "-c", sweep["resubmit"]], clean_env(SLURM_CONF=sweep["env"]["SLURM_CONF"]))
     job = re.search(r"Submitted batch job (\d+)", out.stdout)[1]
