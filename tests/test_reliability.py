@@ -7,6 +7,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -105,21 +106,26 @@ def test_overwrite_replaces_the_run_and_keeps_foreign_files(finished, tmp_path):
 
 def test_a_second_training_in_the_same_folder_fails_at_once(tmp_path):
     """While one training holds the folder, a second (even with --resume) exits 2 within seconds of its start,
-    naming the holder's pid and host; the first completes with its own files."""
+    naming the holder's pid and host; the first goes on with its own files (here until SIGTERM stops it with its
+    checkpoint: 200 epochs leave it running long after the second has been refused, on a fast machine too)."""
     out = tmp_path / "run"
     first = subprocess.Popen([sys.executable, "train_vlm_regression.py", *SMALL, "--output_dir", str(out),
-                              "--epochs", "3"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                              "--epochs", "200"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
     try:
         deadline = time.time() + 120
         while not ((out / ".lock").exists() and (out / ".lock").read_text().strip()) and time.time() < deadline:
             time.sleep(0.2)
-        second = train(out, "--resume", "--epochs", "3")
+        second = train(out, "--resume", "--epochs", "200")
         one_line_error(second, 2, "in use by another training", f"pid {first.pid}")
-        assert first.wait(timeout=600) == 0, first.stderr.read()[-3000:]
+        assert first.poll() is None, "the first training ended before the second was refused"
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=600) == 75, first.stderr.read()[-3000:]
     finally:
         if first.poll() is None:
             first.kill()
-    assert json.loads((out / "results.json").read_text())["epochs_completed"] == 3
+    res = json.loads((out / "results.json").read_text())
+    assert res["status"] == "preempted" and (out / "checkpoints" / "last" / "state.json").exists()
 
 
 def test_resume_falls_back_from_a_cut_checkpoint_and_cleans_temp_files(finished, tmp_path):
