@@ -181,9 +181,10 @@ def _start_counting(i, record, min_pixels, max_pixels, ordering):
     """The counting state of record i: its image loaded and resized once (as in training), nothing counted yet."""
     image, gt = data.prepare_image(record, min_pixels, max_pixels)
     w, h = image.size
+    size = data.object_size_in(record, (w, h))
     return {"i": i, "key": i, "record": record, "clean": image, "marked": image, "size": (w, h),
             "gt": gt[utils.order_points(gt, ordering)] if len(gt) else gt, "points": [], "spec": None,
-            "object_size": data.object_size_in(record, (w, h)), "mark_radius": utils.mark_radius(w, h)}
+            "object_size": size, "scale": counting.protocol_scale([], size), "mark_radius": utils.mark_radius(w, h)}
 
 
 def _predict(model, processor, active, ordering, device):
@@ -204,16 +205,18 @@ def _repeat_radius(s, protocol):
         return protocol["repeat_radius"]
     if protocol["stop_rule"] == "coordinate":
         return s["mark_radius"]
-    return counting.repeat_radius(counting.protocol_scale(s["points"], s["object_size"]))
+    return counting.repeat_radius(s["scale"])
 
 
 def _remark(s, protocol):
     """Mark the counted points as training draws them: only the new mark is pasted while the marks' style and size
     stay the same (later marks cover earlier ones, so this equals drawing all at once); all are redrawn on the clean
-    image when the scale changes them."""
+    image when the scale changes them. The scale of the counted points is computed here, once per counted point,
+    and kept for the next step's repeat rule."""
     w, h = s["size"]
     pts, k = np.asarray(s["points"], np.float64).reshape(-1, 2), len(s["points"])
-    spec = counting.mark_spec(counting.protocol_scale(pts, s["object_size"]), w, h, k, protocol["mark_style"])
+    s["scale"] = counting.protocol_scale(pts, s["object_size"])
+    spec = counting.mark_spec(s["scale"], w, h, k, protocol["mark_style"])
     if spec == s["spec"]:
         s["marked"] = counting.draw_marks(s["marked"], pts[-1:], spec, start_index=k)
     else:
