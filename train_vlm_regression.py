@@ -536,6 +536,11 @@ def finish(run):
     if run.wandb is not None:
         run.wandb.summary.update({k: v for k, v in final.items() if isinstance(v, (int, float, str))})
         run.wandb.finish()
+    # every rank leaves together, with the DDP wrapper (which holds the process group) released first: a rank that
+    # tore its group down while the other still wrote results once died at exit (SIGABRT, gloo, 1 run in ~25)
+    run.accelerator.wait_for_everyone()
+    run.model = run.optimizer = None
+    run.accelerator.free_memory()
     run.accelerator.end_training()
     return final
 
