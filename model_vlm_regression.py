@@ -12,6 +12,7 @@ tiny_model.py) that exercises the same code path as the real model. The prompt a
 
 import json
 import os
+import re
 import warnings
 
 import torch
@@ -51,7 +52,10 @@ def load_processor(model_name, min_pixels=None, max_pixels=None):
     processor.image_processor.size = size
     tok = processor.tokenizer
     # extra_special_tokens + replace_extra_special_tokens=False keeps Qwen's own special tokens registered
-    if X_TOKEN not in tok.get_vocab() or Y_TOKEN not in tok.get_vocab():
+    # a base that already has <x>/<y> (the tiny base, pretrained on pointing) keeps its trained rows: build_model
+    # initialises the rows only when the tokens are new here
+    processor.coordinate_tokens_added = X_TOKEN not in tok.get_vocab() or Y_TOKEN not in tok.get_vocab()
+    if processor.coordinate_tokens_added:
         tok.add_special_tokens({"extra_special_tokens": [X_TOKEN, Y_TOKEN]}, replace_extra_special_tokens=False)
     tok.padding_side = "right"  # positions of real tokens do not depend on the batch's padding
     return processor
@@ -122,11 +126,30 @@ def init_token_rows(model, token_ids):
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
-def lora_config(r=LORA_R, alpha=LORA_ALPHA, dropout=LORA_DROPOUT, token_ids=()):
+# --train_vision: which parts of the vision side train fully (as peft modules_to_save: a trainable copy saved in the
+# adapter, restored by PeftModel.from_pretrained and merged by export --merge). "merger": the patch merger and the
+# DeepStack mergers that feed the language model (in the 4B ~1% of the vision side's weights); "all": the whole ViT.
+TRAIN_VISION = ("none", "merger", "all")
+
+
+def vision_modules(base, train_vision):
+    """Names of the modules --train_vision trains fully (None for "none")."""
+    if train_vision not in TRAIN_VISION:
+        raise ValueError(f"unknown --train_vision {train_vision!r}; choose from {TRAIN_VISION}")
+    if train_vision == "none":
+        return None
+    if train_vision == "all":
+        return ["model.visual"]
+    return [name for name, _ in base.named_modules()
+            if name == "model.visual.merger" or re.fullmatch(r"model\.visual\.deepstack_merger_list\.\d+", name)]
+
+
+def lora_config(r=LORA_R, alpha=LORA_ALPHA, dropout=LORA_DROPOUT, token_ids=(), modules_to_save=None):
     from peft import LoraConfig
 
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS, bias="none",
-                      trainable_token_indices={"embed_tokens": list(token_ids)} if token_ids else None)
+                      trainable_token_indices={"embed_tokens": list(token_ids)} if token_ids else None,
+                      modules_to_save=modules_to_save)
 
 
 def make_head(in_dim, hidden_dim=HEAD_HIDDEN_DIM, num_layers=MLP_LAYERS, tanh=True):
@@ -173,7 +196,7 @@ def counting_loss(pred, target, done):
     return loss + loss_done, loss_x, loss_y, loss_done
 
 
-GROUPS = ("x_head", "y_head", "lora", "token_rows")  # what training must update (and done_head if present)
+GROUPS = ("x_head", "y_head", "lora", "token_rows")  # what training must update (and done_head, vision if present)
 HEADS = ("x_head", "y_head", "done_head")  # the fp32 heads: saved in heads.safetensors, trained at the heads' lr
 STOP_RULES = ("head", "coordinate")  # how counting stops: the stop head's probability, or a (-1, -1) prediction
 
@@ -182,7 +205,7 @@ def param_group(name):
     """Which trainable group a parameter name belongs to."""
     head = name.split(".", 1)[0]
     return (head if head in HEADS else "lora" if "lora_" in name else "token_rows" if "trainable_tokens" in name
-            else "other")
+            else "vision" if ".visual." in name and "modules_to_save" in name else "other")
 
 
 def base_of(vlm):
@@ -313,22 +336,24 @@ class VLMRegressionModel(nn.Module):
 
 def build_model(model_name=DEFAULT_MODEL, lora_r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT,
                 mlp_layers=MLP_LAYERS, head_hidden_dim=HEAD_HIDDEN_DIM, device="cpu", dtype=None, load_in_4bit=False,
-                gradient_checkpointing=False, min_pixels=None, max_pixels=None, stop_rule="coordinate"):
-    """(VLMRegressionModel, processor) ready to train: base model, <x>/<y> tokens, LoRA, heads."""
+                gradient_checkpointing=False, min_pixels=None, max_pixels=None, stop_rule="coordinate",
+                train_vision="none"):
+    """(VLMRegressionModel, processor) ready to train: base model, <x>/<y> tokens, LoRA (plus, with train_vision,
+    fully trained vision modules), heads."""
     from peft import get_peft_model
 
     processor = load_processor(model_name, min_pixels, max_pixels)
     ids = coordinate_token_ids(processor)
     base = load_base_model(model_name, device, dtype, load_in_4bit)
-    ensure_token_rows(base, ids)
-    init_token_rows(base, ids)
+    if ensure_token_rows(base, ids) or processor.coordinate_tokens_added:
+        init_token_rows(base, ids)
     if gradient_checkpointing:
         # non-reentrant checkpointing lets gradients reach LoRA weights even though the block inputs are frozen
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
-    vlm = get_peft_model(base, lora_config(lora_r, lora_alpha, lora_dropout, ids))
+    vlm = get_peft_model(base, lora_config(lora_r, lora_alpha, lora_dropout, ids, vision_modules(base, train_vision)))
     config = dict(base_model=model_name, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                  load_in_4bit=load_in_4bit, min_pixels=min_pixels, max_pixels=max_pixels)
+                  load_in_4bit=load_in_4bit, min_pixels=min_pixels, max_pixels=max_pixels, train_vision=train_vision)
     model = VLMRegressionModel(vlm, ids[0], ids[1], mlp_layers, head_hidden_dim, config, stop_rule=stop_rule)
     for head in model.heads().values():
         head.to(device)
@@ -484,7 +509,8 @@ The code is this repository's (`model_vlm_regression.py`, `evaluate_vlm_regressi
 # Summary: parameter counts and a memory estimate, from the architecture alone (meta device, no weights)
 
 def summarize(model_name=DEFAULT_MODEL, lora_r=LORA_R, lora_alpha=LORA_ALPHA, mlp_layers=MLP_LAYERS,
-              head_hidden_dim=HEAD_HIDDEN_DIM, batch_size=4, tokens_per_sample=350, stop_rule="head"):
+              head_hidden_dim=HEAD_HIDDEN_DIM, batch_size=4, tokens_per_sample=350, stop_rule="head",
+              train_vision="none"):
     """Parameter counts of the architecture (built on the meta device) and a training-memory estimate."""
     from peft import get_peft_model
     from transformers import Qwen3VLForConditionalGeneration
@@ -498,13 +524,15 @@ def summarize(model_name=DEFAULT_MODEL, lora_r=LORA_R, lora_alpha=LORA_ALPHA, ml
         embed = base.get_input_embeddings().weight.numel()
         quantizable = sum(m.weight.numel() for n, m in base.model.language_model.named_modules()
                           if isinstance(m, nn.Linear))
+        vision_trained = sum(p.numel() for name in vision_modules(base, train_vision) or []
+                             for p in base.get_submodule(name).parameters())
         vlm = get_peft_model(base, lora_config(lora_r, lora_alpha, 0.0, token_ids=[0, 1]))
         heads = sum(p.numel() for p in make_head(text.hidden_size, head_hidden_dim, mlp_layers).parameters()) * 2
         if stop_rule == "head":
             heads += sum(p.numel() for p in make_head(2 * text.hidden_size, head_hidden_dim, mlp_layers).parameters())
     lora = sum(p.numel() for n, p in vlm.named_parameters() if "lora_" in n)
     token_rows = 2 * text.hidden_size
-    trainable = lora + heads + token_rows
+    trainable = lora + heads + token_rows + vision_trained  # (the vision side's activations are not estimated)
     # Memory (GiB), training at batch_size x tokens_per_sample: frozen weights, fp32 trainable params + grads + AdamW
     # moments (16 B/param), activations of the language model kept for backward (~34 B x hidden per token and layer
     # in bf16 without checkpointing; one hidden vector per token and layer with it, plus one layer's worth).
@@ -522,7 +550,8 @@ def summarize(model_name=DEFAULT_MODEL, lora_r=LORA_R, lora_alpha=LORA_ALPHA, ml
     return {
         "model": model_name, "stop_rule": stop_rule, "total_params": total, "vision_params": vision, "language_params": total - vision,
         "embedding_rows": config.text_config.vocab_size, "embedding_params": embed,
-        "lora_params": lora, "head_params": heads, "token_row_params": token_rows, "trainable_params": trainable,
+        "lora_params": lora, "head_params": heads, "token_row_params": token_rows, "train_vision": train_vision,
+        "vision_trainable_params": vision_trained, "trainable_params": trainable,
         "memory_gib": {
             "assumptions": f"batch {batch_size} x {tokens_per_sample} tokens, AdamW, fp32 trainable params, the "
                            f"token rows' embedding copy and its gradient",
@@ -543,6 +572,9 @@ def print_summary(s):
     heads = "x head + y head" + (" + stop head" if s["stop_rule"] == "head" else "")
     print(f"head parameters      {s['head_params']:>15,}  ({heads})")
     print(f"<x>/<y> token rows   {s['token_row_params']:>15,}")
+    if s["train_vision"] != "none":
+        print(f"vision ({s['train_vision']:<6})      {s['vision_trainable_params']:>15,}  (trained fully; activations not in "
+              f"the estimate)")
     print(f"trainable total      {s['trainable_params']:>15,}  ({100 * s['trainable_params'] / s['total_params']:.2f}% of the base model's size)")
     mem = s["memory_gib"]
     print(f"training memory est. ({mem['assumptions']}):")
@@ -576,6 +608,9 @@ def add_model_args(parser):
     g.add_argument("--stop_rule", default="head", choices=STOP_RULES,
                    help="head: a stop head says 'all objects are marked'; coordinate: the original rule, a (-1, -1) "
                         "prediction means done (for reproducing older runs)")
+    g.add_argument("--train_vision", default="none", choices=TRAIN_VISION,
+                   help="vision side trained fully beside LoRA: none (frozen), merger (the patch and DeepStack "
+                        "mergers), all (the whole ViT); its lr: --vision_lr")
     return g
 
 
@@ -612,11 +647,12 @@ def main(argv=None):
     check_model_args(p, args)
     if args.summary:
         s = summarize(args.model_name, args.lora_r, args.lora_alpha, args.mlp_layers, args.head_hidden_dim,
-                      stop_rule=args.stop_rule)
+                      stop_rule=args.stop_rule, train_vision=args.train_vision)
         print(json.dumps(s, indent=2)) if args.json else print_summary(s)
     if args.smoke or not args.summary:
         smoke(args.model_name, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-              mlp_layers=args.mlp_layers, head_hidden_dim=args.head_hidden_dim, stop_rule=args.stop_rule)
+              mlp_layers=args.mlp_layers, head_hidden_dim=args.head_hidden_dim, stop_rule=args.stop_rule,
+              train_vision=args.train_vision)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,8 @@ def parse_args(argv=None):
     g.add_argument("--lr", type=float, default=1e-3, help="LoRA and <x>/<y> token rows")
     g.add_argument("--mlp_lr_multiplier", type=float, default=5.0, help="heads train at lr x this")
     g.add_argument("--mlp_lr", type=float, default=None, help="heads' lr (overrides the multiplier)")
+    g.add_argument("--vision_lr", type=float, default=None, help="lr of the vision modules --train_vision trains "
+                   "(default: --lr)")
     g.add_argument("--warmup_steps", type=int, default=100, help="linear warmup, then cosine decay to 0")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the global gradient norm; 0 = off")
     g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW's, on every trainable parameter")
@@ -143,13 +145,15 @@ def check_args(p, args):
         value = getattr(args, name)
         if value is not None and value < low:
             p.error(f"--{name} must be >= {low}, got {value}")
-    for name in ("lr", "mlp_lr_multiplier", "mlp_lr"):
+    for name in ("lr", "mlp_lr_multiplier", "mlp_lr", "vision_lr"):
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value > 0):
             p.error(f"--{name} must be a positive number, got {value}")
     for name in ("max_grad_norm", "weight_decay"):
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
             p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.vision_lr is not None and args.train_vision == "none":
+        p.error("--vision_lr needs --train_vision merger or all (the vision tower is frozen)")
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --output_dir and --overwrite clears it: give one of them")
 
@@ -167,13 +171,18 @@ def lr_lambda(warmup_steps, total_steps):
     return f
 
 
-def build_optimizer(model, lr, mlp_lr, weight_decay):
-    """AdamW with two groups: the VLM side (LoRA, <x>/<y> rows) at lr, the freshly initialised heads at mlp_lr."""
+def build_optimizer(model, lr, mlp_lr, weight_decay, vision_lr=None):
+    """AdamW with a group per learning rate: the VLM side (LoRA, <x>/<y> rows) at lr, the freshly initialised heads at
+    mlp_lr, and the vision modules of --train_vision (if any) at vision_lr (None: lr)."""
     groups = model.trainable_groups()
     heads = [p for g in mvr.HEADS for p in groups.get(g, [])]
-    vlm = [p for g, ps in groups.items() if g not in mvr.HEADS for p in ps]
-    return torch.optim.AdamW([{"params": vlm, "lr": lr, "weight_decay": weight_decay, "name": "vlm"},
-                              {"params": heads, "lr": mlp_lr, "weight_decay": weight_decay, "name": "heads"}])
+    vlm = [p for g, ps in groups.items() if g not in mvr.HEADS and g != "vision" for p in ps]
+    param_groups = [{"params": vlm, "lr": lr, "weight_decay": weight_decay, "name": "vlm"},
+                    {"params": heads, "lr": mlp_lr, "weight_decay": weight_decay, "name": "heads"}]
+    if groups.get("vision"):
+        param_groups.append({"params": groups["vision"], "lr": lr if vision_lr is None else vision_lr,
+                             "weight_decay": weight_decay, "name": "vision"})
+    return torch.optim.AdamW(param_groups)
 
 
 def gradient_flow(model):
@@ -184,7 +193,8 @@ def gradient_flow(model):
             group = mvr.param_group(name)
             norms[group] = norms.get(group, 0.0) + (0.0 if p.grad is None else p.grad.detach().float().pow(2).sum().item())
     norms = {k: math.sqrt(v) for k, v in norms.items()}
-    required = mvr.GROUPS + (("done_head",) if getattr(model, "done_head", None) is not None else ())
+    required = mvr.GROUPS + (("done_head",) if getattr(model, "done_head", None) is not None else ()) + \
+        (("vision",) if model.config.get("train_vision", "none") != "none" else ())
     dead = [g for g in required if not norms.get(g)]
     if dead:
         raise RuntimeError(f"gradient-flow check failed: {', '.join(dead)} received no gradient on the first step "
@@ -575,11 +585,11 @@ def main(args):
         args.model_name, args.lora_r, args.lora_alpha, args.lora_dropout, args.mlp_layers, args.head_hidden_dim,
         device=accelerator.device, dtype=mvr.DTYPES[args.dtype], load_in_4bit=args.load_in_4bit,
         gradient_checkpointing=args.gradient_checkpointing, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-        stop_rule=args.stop_rule)
+        stop_rule=args.stop_rule, train_vision=args.train_vision)
     model.config.update(ordering=args.ordering, mark_style=args.mark_style, done_fraction=args.done_fraction)
     collate = data.make_collate_fn(processor, args.ordering)
     mlp_lr = args.mlp_lr if args.mlp_lr is not None else args.lr * args.mlp_lr_multiplier
-    optimizer = build_optimizer(model, args.lr, mlp_lr, args.weight_decay)
+    optimizer = build_optimizer(model, args.lr, mlp_lr, args.weight_decay, args.vision_lr)
     total_steps = math.ceil(d.train_batches / args.grad_accum) * args.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, total_steps))
     trainable = sum(p.numel() for ps in model.trainable_groups().values() for p in ps)
