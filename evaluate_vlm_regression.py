@@ -110,6 +110,8 @@ def count_metrics(predictions, train_mean_count=None):
     precision = tp / pred.sum() if pred.sum() else 0.0
     recall = tp / gt.sum() if gt.sum() else 0.0
     n = len(predictions)
+    near = [d for p in predictions for d in p.get("nearest_object_px", [])]
+    radii = [p["match_radius_px"] for p in predictions if "match_radius_px" in p]
     m = {
         "num_images": n,
         "mae": float(np.abs(err).mean()) if n else None,
@@ -119,6 +121,9 @@ def count_metrics(predictions, train_mean_count=None):
         "recall": float(recall),
         "f1": float(2 * precision * recall / (precision + recall)) if precision + recall else 0.0,
         "mean_steps": float(np.mean([p["steps"] for p in predictions])) if n else None,
+        # how far the counted points land from the nearest object, against the radius a match allows (model frame)
+        "point_to_nearest_object_px_median": float(np.median(near)) if len(near) else None,
+        "match_radius_px_mean": float(np.mean(radii)) if radii else None,
         "stop_reasons": {k: v for k, v in Counter(p["stop_reason"] for p in predictions).items()},
         "gt_count_mean": float(gt.mean()) if n else None,
         "pred_count_mean": float(pred.mean()) if n else None,
@@ -240,9 +245,13 @@ def _count_result(s, reason, match_radius):
     """The prediction of a finished counting state, its points in the frame of the image on disk."""
     rec, pts = s["record"], np.asarray(s["points"], np.float64).reshape(-1, 2)
     radius = match_radius if match_radius is not None else s["mark_radius"]
+    gt = np.asarray(s["gt"], np.float64).reshape(-1, 2)
+    nearest = np.hypot(*(pts[:, None] - gt[None]).transpose(2, 0, 1)).min(1) if len(pts) and len(gt) else np.zeros(0)
     return {"image": rec.image_id, "object_type": rec.object_type, "gt_count": int(len(rec.points)),
             "pred_count": int(len(pts)), "stop_reason": reason, "steps": s["steps"],
-            "num_matched": match_points(pts, s["gt"], radius), "points": _to_original_frame(pts, rec, s["size"])}
+            "num_matched": match_points(pts, s["gt"], radius), "match_radius_px": float(radius),
+            "nearest_object_px": [round(float(d), 2) for d in nearest],
+            "points": _to_original_frame(pts, rec, s["size"])}
 
 
 @torch.no_grad()

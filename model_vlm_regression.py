@@ -3,11 +3,12 @@ Qwen3-VL + LoRA + two regression heads that read the hidden states of the prompt
 
     python model_vlm_regression.py --model_name Qwen/Qwen3-VL-4B-Thinking --summary   # no weights downloaded
     python model_vlm_regression.py --model_name tiny --summary
-    python model_vlm_regression.py --model_name tiny --smoke                        # one forward/backward pass
+    python model_vlm_regression.py --model_name tiny-random --smoke                 # one forward/backward pass
     python model_vlm_regression.py --export runs/demo runs/demo-export --merge      # one folder, no adapter
 
---model_name is a hub id, a local folder, or `tiny`: a random-init Qwen3-VL built offline in seconds (see
-tiny_model.py) that exercises the same code path as the real model. The prompt and its <x>/<y> tokens: prompt.py.
+--model_name is a hub id, a local folder, `tiny` (the project's pretrained tiny Qwen3-VL, shipped in tiny_base/ and
+made by pretrain_tiny.py) or `tiny-random` (the same architecture with random weights, built offline in seconds by
+tiny_model.py). Both exercise the real model's code path. The prompt and its <x>/<y> tokens: prompt.py.
 """
 
 import json
@@ -82,7 +83,7 @@ def attention_implementation(device):
 
 
 def load_base_model(model_name, device="cpu", dtype=None, load_in_4bit=False):
-    """Qwen3VLForConditionalGeneration from a hub id, folder or `tiny`. 4-bit: NF4 + double quantization with the
+    """Qwen3VLForConditionalGeneration from a hub id, folder, `tiny` or `tiny-random`. 4-bit: NF4 + double quantization with the
     vision tower and lm_head left in full precision (quantizing the ViT hurts localisation and saves little)."""
     from transformers import BitsAndBytesConfig, Qwen3VLForConditionalGeneration
 
@@ -583,7 +584,7 @@ def print_summary(s):
     print(f"  (of which the token rows' embedding copy + gradient: {mem['token_rows_gib']:.2f} GiB)")
 
 
-def smoke(model_name="tiny", **model_kwargs):
+def smoke(model_name="tiny-random", **model_kwargs):
     """One forward + backward pass on a random image: the install works end to end."""
     from PIL import Image
 
@@ -598,7 +599,8 @@ def smoke(model_name="tiny", **model_kwargs):
 def add_model_args(parser):
     """The model's arguments (training and this file's CLI); returns their group, for a caller's own additions."""
     g = parser.add_argument_group("model")
-    g.add_argument("--model_name", default=DEFAULT_MODEL, help="hub id, local folder, or `tiny`")
+    g.add_argument("--model_name", default=DEFAULT_MODEL,
+                   help="hub id, local folder, `tiny` (the pretrained tiny base, tiny_base/) or `tiny-random`")
     g.add_argument("--lora_r", type=int, default=LORA_R, help="LoRA rank")
     g.add_argument("--lora_alpha", type=int, default=LORA_ALPHA, help="LoRA alpha (scale alpha/r)")
     g.add_argument("--lora_dropout", type=float, default=LORA_DROPOUT, help="dropout on LoRA's input (training)")

@@ -212,10 +212,22 @@ def build(args, device):
     processor = load_processor(init_dir)
     ids = processor.tokenizer.convert_tokens_to_ids([X_TOKEN, Y_TOKEN])
     base = Qwen3VLForConditionalGeneration.from_pretrained(init_dir, dtype=torch.float32, attn_implementation="sdpa")
+    if args.vision_config:  # another vision tower: a fresh model of the changed architecture, drawn from the seed
+        from transformers import Qwen3VLConfig
+
+        cfg = base.config.to_dict()
+        cfg["vision_config"].update(json.loads(args.vision_config))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            base = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**cfg))
+        rescale_random_init(base, args.init_std, args.init_pos_std, seed=args.seed)
+        vc = base.config.vision_config
+        for proc in (processor.image_processor, processor.video_processor):
+            proc.patch_size, proc.merge_size = vc.patch_size, vc.spatial_merge_size
+    elif (args.init_std, args.init_pos_std) != (TINY_INIT_STD, TINY_POS_EMBED_STD):
+        rescale_random_init(base, args.init_std, args.init_pos_std, seed=args.seed)
     base.config.use_cache = False
     assert max(ids) < base.get_input_embeddings().weight.shape[0], "the tiny matrix has spare rows for <x>/<y>"
-    if (args.init_std, args.init_pos_std) != (TINY_INIT_STD, TINY_POS_EMBED_STD):
-        rescale_random_init(base, args.init_std, args.init_pos_std, seed=args.seed)
     init_token_rows(base, ids)
     torch.manual_seed(args.seed)  # the heads' init
     model = PointingModel(base, *ids).to(device)
@@ -238,9 +250,12 @@ def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+HIT_RADIUS = 8  # px: utils.mark_radius at 224 px, the radius the counting demo's F1 matches within
+
+
 @torch.no_grad()
-def pixel_error(model, val, device):
-    """Mean distance in pixels (224-px images) between predicted and true points over a validation set."""
+def pixel_distances(model, val, device):
+    """Distances in pixels (224-px images) between predicted and true points over a validation set."""
     model.eval()
     dists = []
     for batch, target in val:
@@ -248,7 +263,17 @@ def pixel_error(model, val, device):
         d = denormalize_points(pred.numpy(), IMAGE_SIZE, IMAGE_SIZE) - denormalize_points(target.numpy(), IMAGE_SIZE, IMAGE_SIZE)
         dists.append(np.hypot(d[:, 0], d[:, 1]))
     model.train()
-    return float(np.concatenate(dists).mean())
+    return np.concatenate(dists)
+
+
+def pixel_error(model, val, device):
+    """Mean pixel distance over a validation set."""
+    return float(pixel_distances(model, val, device).mean())
+
+
+def hit_rate(model, val, device):
+    """Share of validation points predicted within HIT_RADIUS pixels."""
+    return float((pixel_distances(model, val, device) <= HIT_RADIUS).mean())
 
 
 def baseline_error(val):
@@ -373,19 +398,25 @@ def train(args):
         if step % args.eval_every == 0 or step == total:
             row = dict(step=step, train_loss=float(torch.stack(losses).mean()), lr=opt.param_groups[0]["lr"],
                        elapsed_s=round(time.time() - t_start, 1))
-            row.update({f"val_px_{t}": pixel_error(model, v, device) for t, v in val.items()})
+            for t, v in val.items():
+                d = pixel_distances(model, v, device)
+                row.update({f"val_px_{t}": float(d.mean()), f"val_hit_{t}": float((d <= HIT_RADIUS).mean())})
             losses = []
             curve.append(row)
             print(f"step {step:6d}/{total if total > 0 else '?'}  loss {row['train_loss']:.4f}  lr {row['lr']:.2e}  "
-                  + "  ".join(f"val px {t} {row[f'val_px_{t}']:.1f}" for t in tasks)
+                  + "  ".join(f"val px {t} {row[f'val_px_{t}']:.1f} (within {HIT_RADIUS} px {row[f'val_hit_{t}']:.0%})"
+                              for t in tasks)
                   + f"  {row['elapsed_s']:.0f} s", flush=True)
         if args.max_minutes and time.time() - t_start > args.max_minutes * 60 - max(5.0, 2 * val_seconds):
             stopped_early = step < total or total <= 0
             print(f"--max_minutes {args.max_minutes} reached at step {step}: stopping", flush=True)
             break
     train_seconds = time.time() - t_train
-    final = {t: pixel_error(model, v, device) for t, v in val.items()}
-    print("final val px " + ", ".join(f"{t} {e:.1f} (baseline {baseline[t]:.1f})" for t, e in final.items()), flush=True)
+    final_d = {t: pixel_distances(model, v, device) for t, v in val.items()}
+    final = {t: float(d.mean()) for t, d in final_d.items()}
+    final_hit = {t: float((d <= HIT_RADIUS).mean()) for t, d in final_d.items()}
+    print("final val px " + ", ".join(f"{t} {e:.1f} (baseline {baseline[t]:.1f}; within {HIT_RADIUS} px "
+                                      f"{final_hit[t]:.0%})" for t, e in final.items()), flush=True)
 
     recipe = dict(
         what="tiny Qwen3-VL pretrained on synthetic pointing (pretrain_tiny.py); the heads are not saved",
@@ -404,7 +435,8 @@ def train(args):
         device=device_name(device), device_type=device.type, dataloader_workers=workers,
         versions=library_versions(), python=platform.python_version(),
         parameters=n_params, wall_seconds=round(time.time() - t_start, 1), train_seconds=round(train_seconds, 1),
-        val_images_per_task=args.val_images, baseline_px=baseline, final_val_px=final, curve=curve,
+        val_images_per_task=args.val_images, baseline_px=baseline, final_val_px=final,
+        final_val_within_8px=final_hit, curve=curve,
         config=model.base.config.to_dict(),
     )
     save_base(model.cpu(), processor, args.out, recipe)
@@ -433,6 +465,8 @@ def parse_args(argv=None):
     p.add_argument("--init_dir", default=None, help="random-init model folder (default: tiny_model's cache)")
     p.add_argument("--init_std", type=float, default=TINY_INIT_STD, help="std of every matrix (the tiny default: 0.3)")
     p.add_argument("--init_pos_std", type=float, default=TINY_POS_EMBED_STD, help="std of the ViT position embedding")
+    p.add_argument("--vision_config", default=None, help='JSON changes to the tiny vision tower, e.g. '
+                   '\'{"patch_size": 8, "num_position_embeddings": 784}\' (the processor follows patch_size)')
     # ---- Task
     p.add_argument("--max_distractors", type=int, default=4, help="training images hold 0..this many other objects (validation: 0-4)")
     p.add_argument("--plain_fraction", type=float, default=0.5, help="share of training images on plain grey (the rest varied)")

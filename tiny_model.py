@@ -174,8 +174,22 @@ def tiny_model_dir():
     return build_once(os.path.join(cache_dir(), f"tiny-qwen3-vl-{TINY_VERSION}"), build_tiny_model)
 
 
+# The shipped pretrained tiny base (pretrain_tiny.py wrote it; its recipe.json says how): `--model_name tiny`.
+TINY_BASE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_base")
+TINY_NAMES = ("tiny", "tiny-random")
+
+
 def resolve_model_name(model_name):
-    return tiny_model_dir() if model_name == "tiny" else model_name
+    """A folder or hub id for --model_name: `tiny` is the shipped pretrained base, `tiny-random` the random-init
+    tiny model (built into the cache on first use); anything else is passed through."""
+    if model_name == "tiny-random":
+        return tiny_model_dir()
+    if model_name == "tiny":
+        if not os.path.exists(os.path.join(TINY_BASE_DIR, "config.json")):
+            raise FileNotFoundError(f"{TINY_BASE_DIR}: the pretrained tiny base is missing (rebuild it with "
+                                    f"pretrain_tiny.py, see its recipe.json) or use --model_name tiny-random")
+        return TINY_BASE_DIR
+    return model_name
 
 
 # -----------------------------------------------------------------------------

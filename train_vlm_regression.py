@@ -525,7 +525,10 @@ def count_summary(m, args):
     by_head = stops.get("done", 0) / max(1, m["num_images"])
     return (f"counted {m['num_images']} {m['split']} images one object at a time: mean absolute count error "
             f"{m['mae']:.2f} objects (always guessing the mean count of the training images: "
-            f"{m['baseline_mean_count_mae']:.2f}); points found {m['recall']:.0%} of the objects (F1 {m['f1']:.2f}); "
+            f"{m['baseline_mean_count_mae']:.2f}); points found {m['recall']:.0%} of the objects (F1 {m['f1']:.2f}"
+            + (f"; a counted point lands a median {m['point_to_nearest_object_px_median']:.0f} px from the nearest "
+               f"object, a match needs {m['match_radius_px_mean']:.0f} px or less"
+               if m.get("point_to_nearest_object_px_median") is not None else "") + "); "
             f"{by_head:.0%} of the images stopped on the model's own 'all counted' signal (stops: {stops}). "
             f"Pictures: {os.path.join(args.output_dir, 'count_examples')}/")
 

@@ -101,7 +101,7 @@ def timing(n=1000, repeats=20):
     from prompt import encode_batch
 
     torch.manual_seed(0)
-    model, processor = mvr.build_model("tiny", stop_rule="head")
+    model, processor = mvr.build_model("tiny-random", stop_rule="head")
     model.eval()
     pts, size = synth.dense_layout(n, 0, W, H)
     image = Image.new("RGB", (W, H), (128, 128, 128))

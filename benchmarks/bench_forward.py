@@ -50,7 +50,7 @@ def marked_images(n, width, height, objects):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_name", default="tiny", help="hub id, local folder, or `tiny`")
+    p.add_argument("--model_name", default="tiny-random", help="hub id, local folder, `tiny` (the pretrained tiny base) or `tiny-random`")
     p.add_argument("--random_weights", action="store_true", help="architecture from config, random weights")
     p.add_argument("--dtype", default="auto", choices=tuple(mvr.DTYPES),
                    help="base weights (auto: bf16 on CUDA, fp32 on CPU)")

@@ -81,7 +81,7 @@ def time_bare_steps(model, batch, n, warmup, sync):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # ---- Model
-    p.add_argument("--model_name", default="tiny", help="hub id, local folder, or `tiny`")
+    p.add_argument("--model_name", default="tiny-random", help="hub id, local folder, `tiny` (the pretrained tiny base) or `tiny-random`")
     p.add_argument("--random_weights", action="store_true", help="architecture from config, random weights")
     p.add_argument("--load_in_4bit", action="store_true", help="QLoRA: NF4 language model")
     p.add_argument("--dtype", default="auto", choices=tuple(mvr.DTYPES),
@@ -89,7 +89,7 @@ def main(argv=None):
     p.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for activation memory")
     # ---- Data
     p.add_argument("--batch_size", type=int, default=4, help="samples per step")
-    p.add_argument("--image_size", type=int, default=None, help="synthetic image side (default 224 tiny, else 512)")
+    p.add_argument("--image_size", type=int, default=None, help="synthetic image side (default 224 for the tiny models, else 512)")
     p.add_argument("--num_workers", type=int, default=None, help="default: as training (4 with CUDA, 0 on CPU)")
     # ---- Timing
     p.add_argument("--steps", type=int, default=20, help="timed steps of each kind")
@@ -105,7 +105,7 @@ def main(argv=None):
                                        load_in_4bit=args.load_in_4bit,
                                        gradient_checkpointing=args.gradient_checkpointing)
     model.train()
-    size = args.image_size or (224 if args.model_name == "tiny" else 512)
+    size = args.image_size or (224 if args.model_name in ("tiny", "tiny-random") else 512)
     cfg = SyntheticConfig(image_size=size, num_train=max(64, args.batch_size * (args.steps + args.warmup)))
     records, _ = data.load_records("synthetic", split="train", synthetic=cfg)
     ds = data.CountingDataset(records, seed=0)

@@ -25,7 +25,7 @@ parts=$(mktemp -d)
 trap 'rm -rf "$parts"' EXIT
 
 if [ -n "${GPU_CHECK_CPU:-}" ]; then  # the script's own test: every part, as small as it goes
-  model=(--model_name tiny)
+  model=(--model_name tiny-random)
   train=(--batch_size 2 --image_size 64 --steps 1 --warmup 0 --num_workers 0)
   count=(--batch_size 2 --width 64 --height 64 --objects 4 --steps 1 --warmup 0)
 else

@@ -17,4 +17,4 @@ import pytest  # noqa: E402
 def tiny_processor():
     import model_vlm_regression as mvr
 
-    return mvr.load_processor("tiny")
+    return mvr.load_processor("tiny-random")

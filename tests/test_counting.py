@@ -98,7 +98,7 @@ def test_oracle_counts_exactly_at_every_density_up_to_4000_objects(blank):
     m = out["metrics"]
     assert [p["pred_count"] for p in out["predictions"]] == [len(p) for p in layouts]
     assert m["mae"] == 0 and m["stop_reasons"] == {"done": len(layouts)}
-    assert m["f1"] == 1.0
+    assert m["f1"] == 1.0 and m["point_to_nearest_object_px_median"] < 0.01
 
 
 def test_a_model_that_points_at_a_counted_object_is_stopped(blank):
@@ -120,6 +120,7 @@ def test_oracle_with_1px_noise_counts_exactly_at_12px_spacing(blank):
     layouts = [grid(12.0), grid(12.0, 0.1, seed=7), grid(16.0, 0.2, seed=8)]
     m = oracle_count(records(blank, layouts), noise_px=1.0)["metrics"]
     assert m["mae"] == 0, m
+    assert 0.3 < m["point_to_nearest_object_px_median"] < 2  # the noise, seen by the point-error metric
 
 
 def test_coordinate_stop_rule_reproduces_the_old_failure(blank):

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ROOT
 
-COMMON = ["--model_name", "tiny", "--dataset", "synthetic", "--synthetic_num_train", "64", "--synthetic_num_val",
+COMMON = ["--model_name", "tiny-random", "--dataset", "synthetic", "--synthetic_num_train", "64", "--synthetic_num_val",
           "16", "--num_workers", "0", "--log_every", "1", "--lora_r", "8", "--head_hidden_dim", "64", "--warmup_steps", "2",
           "--lora_dropout", "0", "--train_batches", "4", "--val_batches", "2", "--num_val_images", "2"]
 TOL = 5e-4  # relative; observed up to 8e-5 over 40 steps: the all-reduce sums gradients in another order

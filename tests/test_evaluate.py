@@ -242,7 +242,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_real")
     fsc, omni, run = root / "fsc147", root / "omnicount", root / "run"
     fsc_info, omni_info = write_fsc147(str(fsc)), write_omnicount(str(omni))
-    cmd = [sys.executable, str(ROOT / "train_vlm_regression.py"), "--model_name", "tiny", "--dataset", "fsc147",
+    cmd = [sys.executable, str(ROOT / "train_vlm_regression.py"), "--model_name", "tiny-random", "--dataset", "fsc147",
            "--data_root", str(fsc), "--output_dir", str(run), "--epochs", "1", "--train_batches", "1", "--val_batches", "1",
            "--batch_size", "1", "--num_workers", "0", "--wandb_mode", "disabled", "--lora_r", "4", "--lora_alpha", "8",
            "--mlp_layers", "2", "--head_hidden_dim", "64", "--ordering", "left_to_right", "--max_pixels", str(256 * 256)]

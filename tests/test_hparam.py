@@ -18,7 +18,7 @@ SCRIPT = ROOT / "run_hparam_search.sh"
 STATUS = ROOT / "check_hparam_status.sh"
 PNGS = ["val_loss_vs_lr.png", "rank_alpha_heatmap.png", "mlp_depth.png", "learning_curves_top.png",
         "marginal_means.png"]
-TINY_ENV = {"MODEL_NAME": "tiny", "DATASET": "synthetic", "EPOCHS": "1", "BATCH_SIZE": "2", "WANDB_MODE": "disabled",
+TINY_ENV = {"MODEL_NAME": "tiny-random", "DATASET": "synthetic", "EPOCHS": "1", "BATCH_SIZE": "2", "WANDB_MODE": "disabled",
             "EXTRA_ARGS": "--train_iters 3 --val_iters 1 --num_workers 0 --log_every 1 --synthetic_num_train 32 "
                           "--synthetic_num_val 4 --warmup_steps 0"}
 

@@ -26,7 +26,7 @@ def make_batch(processor, images, names=("eggs", "apple", "sea shells"), ks=(0, 
 @pytest.fixture()
 def tiny_model():
     torch.manual_seed(0)
-    return mvr.build_model("tiny", lora_r=8, lora_alpha=16, mlp_layers=2, head_hidden_dim=64)
+    return mvr.build_model("tiny-random", lora_r=8, lora_alpha=16, mlp_layers=2, head_hidden_dim=64)
 
 
 def test_special_tokens_added_without_dropping_qwen_ones(tiny_processor):
@@ -40,7 +40,7 @@ def test_special_tokens_added_without_dropping_qwen_ones(tiny_processor):
 
 def test_embedding_is_never_shrunk(tiny_processor):
     """The embedding grows to fit <x>/<y> when it must, keeping every old row, and never loses its padded rows."""
-    base = mvr.load_base_model("tiny")
+    base = mvr.load_base_model("tiny-random")
     rows = base.get_input_embeddings().weight.shape[0]
     ids = mvr.coordinate_token_ids(tiny_processor)
     assert len(tiny_processor.tokenizer) < rows  # padded like Qwen's matrix
@@ -103,7 +103,7 @@ def test_save_load_round_trip_is_identical(tiny_model, tmp_path):
     assert {"adapter", "heads.safetensors", "regression_config.json", "processor"} <= files
     assert (tmp_path / "ckpt/adapter/adapter_model.safetensors").exists()
     cfg = json.loads((tmp_path / "ckpt/regression_config.json").read_text())
-    assert cfg["base_model"] == "tiny" and "transformers" in cfg["versions"]
+    assert cfg["base_model"] == "tiny-random" and "transformers" in cfg["versions"]
     loaded, processor2 = mvr.VLMRegressionModel.from_pretrained(tmp_path / "ckpt")
     loaded.eval()
     with torch.no_grad():
@@ -139,7 +139,7 @@ def test_4bit_forward_backward_on_cpu_keeps_vision_unquantized():
     """QLoRA quantizes the language model only; gradients still reach the heads and the token rows."""
     import bitsandbytes as bnb
 
-    model, processor = mvr.build_model("tiny", load_in_4bit=True, lora_r=8, mlp_layers=2, head_hidden_dim=64,
+    model, processor = mvr.build_model("tiny-random", load_in_4bit=True, lora_r=8, mlp_layers=2, head_hidden_dim=64,
                                        gradient_checkpointing=True)
     base = model.vlm.get_base_model()
     quantized = [n for n, m in base.named_modules() if isinstance(m, bnb.nn.Linear4bit)]

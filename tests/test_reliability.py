@@ -20,7 +20,7 @@ import train_data
 from conftest import ROOT
 from data_fixtures import write_fsc147, write_omnicount
 
-SMALL = ["--model_name", "tiny", "--dataset", "synthetic", "--synthetic_num_train", "16", "--synthetic_num_val", "8",
+SMALL = ["--model_name", "tiny-random", "--dataset", "synthetic", "--synthetic_num_train", "16", "--synthetic_num_val", "8",
          "--batch_size", "2", "--num_workers", "0", "--wandb_mode", "disabled", "--lora_r", "8",
          "--head_hidden_dim", "64", "--warmup_steps", "1", "--num_val_images", "0", "--train_batches", "2",
          "--val_batches", "1", "--epochs", "1"]
@@ -225,7 +225,7 @@ def test_model_and_dataset_cli_arguments_are_checked(capsys):
     """The model's and the dataset's own CLIs reject the same values with the same one-line errors."""
     import model_vlm_regression as mvr
 
-    for main, argv, words in ((mvr.main, ["--model_name", "tiny", "--summary", "--head_hidden_dim", "0"],
+    for main, argv, words in ((mvr.main, ["--model_name", "tiny-random", "--summary", "--head_hidden_dim", "0"],
                                "--head_hidden_dim must be >= 1"),
                               (data.main, ["--num_images", "0", "--make_synthetic", "--out", "x"],
                                "--num_images >= 1"),

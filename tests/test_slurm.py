@@ -34,7 +34,7 @@ SCRIPT = ROOT / "run_hparam_search.sh"
 STATUS = ROOT / "check_hparam_status.sh"
 # a 4-config grid of tiny runs; --time leaves room before the USR1 warning (--signal=B:USR1@600)
 OVERRIDES = ["--array=0-3", "--gres=none", "--cpus-per-task=1", "--mem=2G", "--time=30"]
-SETTINGS = {"MODEL_NAME": "tiny", "DATASET": "synthetic", "EPOCHS": "1", "BATCH_SIZE": "2", "WANDB_MODE": "disabled",
+SETTINGS = {"MODEL_NAME": "tiny-random", "DATASET": "synthetic", "EPOCHS": "1", "BATCH_SIZE": "2", "WANDB_MODE": "disabled",
             "EXTRA_ARGS": "--train_iters 4 --val_iters 1 --num_workers 0 --log_every 1 --synthetic_num_train 32 "
                           "--synthetic_num_val 4 --warmup_steps 0",
             "GRID_LR": "1e-3 1e-4", "GRID_LORA_R": "8 16", "GRID_LORA_ALPHA": "16", "GRID_MLP_LAYERS": "2"}
@@ -175,7 +175,7 @@ def test_array_of_four_runs_to_completion_through_the_real_script(sweep):
         lr, r = name.split("_")[:2]
         assert (config["lr"], config["lora_r"], config["lora_alpha"], config["mlp_layers"]) == \
             (float(lr[2:]), int(r[1:]), 16, 2)
-        assert config["model_name"] == "tiny" and config["epochs"] == 1
+        assert config["model_name"] == "tiny-random" and config["epochs"] == 1
         assert config.get("train_batches", config.get("train_iters")) == 4  # the new key, or the old one
         attempts = (run_dir / "slurm_attempts.log").read_text()
         assert f"job={job}_{task}" in attempts and f"log={log}" in attempts  # the log the status script shows
@@ -331,7 +331,7 @@ def test_distributed_template_trains_two_processes_on_the_cluster(cluster, tmp_p
     out = tmp_path / "ddp_run"
     env = {**cluster, "GPUS_PER_NODE": "2", "OMP_NUM_THREADS": "1", "PROJECT_DIR": str(ROOT)}
     job = submit(["--gres=none", "--cpus-per-task=2", "--mem=4G", "--time=30", str(ROOT / "run_train_distributed.sh"),
-                  "--model_name", "tiny", "--dataset", "synthetic", "--synthetic_num_train", "32",
+                  "--model_name", "tiny-random", "--dataset", "synthetic", "--synthetic_num_train", "32",
                   "--synthetic_num_val", "8", "--epochs", "1", "--train_iters", "3", "--val_iters", "1",
                   "--batch_size", "2", "--num_workers", "0", "--wandb_mode", "disabled", "--output_dir", str(out)],
                  env, submit_dir)

@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 import pretrain_tiny as pt
 from conftest import ROOT
@@ -35,7 +36,8 @@ def _short_run(out):
 
 
 def test_pretraining_is_bit_identical_for_a_seed_and_records_its_hash(tmp_path):
-    """Two CPU runs with the same seed write the same weights, and recipe.json holds their sha256."""
+    """Two CPU runs with the same seed write the same weights, and recipe.json holds their sha256. A counting model
+    built on such a base keeps the base's trained <x>/<y> rows (they are re-initialised only when the tokens are new)."""
     r1, r2 = _short_run(tmp_path / "a"), _short_run(tmp_path / "b")
     for out, r in ((tmp_path / "a", r1), (tmp_path / "b", r2)):
         assert pt.sha256_file(out / "model.safetensors") == r["weights_sha256"]
@@ -45,6 +47,19 @@ def test_pretraining_is_bit_identical_for_a_seed_and_records_its_hash(tmp_path):
     assert r1["weights_sha256"] == r2["weights_sha256"]
     assert r1["final_val_px"] == r2["final_val_px"]
     assert r1["steps_done"] == 6 and r1["settings"]["seed"] == 0
+
+    from safetensors.torch import load_file
+
+    import model_vlm_regression as mvr
+
+    model, processor = mvr.build_model(str(tmp_path / "a"), lora_r=4, head_hidden_dim=32)
+    ids = mvr.coordinate_token_ids(processor)
+    saved = load_file(tmp_path / "a" / "model.safetensors")
+    rows = saved[next(k for k in saved if k.endswith("embed_tokens.weight"))][ids]
+    built = mvr.base_of(model.vlm).get_input_embeddings()
+    torch.testing.assert_close(built(torch.tensor(ids)), rows, rtol=0, atol=0)
+    fresh = built.weight[: min(ids)].mean(0) if hasattr(built, "weight") else None
+    assert fresh is None or not torch.allclose(rows[0], fresh)
 
 
 @pytest.mark.skipif(not (SHIPPED / "recipe.json").exists(), reason="no tiny_base/ in the repository (not shipped yet)")

@@ -18,7 +18,7 @@ import train_vlm_regression as tr
 from conftest import ROOT
 from synthetic_data import SyntheticConfig
 
-SMALL = ["--model_name", "tiny", "--dataset", "synthetic", "--synthetic_num_train", "64", "--synthetic_num_val", "16",
+SMALL = ["--model_name", "tiny-random", "--dataset", "synthetic", "--synthetic_num_train", "64", "--synthetic_num_val", "16",
          "--batch_size", "2", "--num_workers", "0", "--wandb_mode", "disabled", "--log_every", "1",
          "--lora_r", "8", "--head_hidden_dim", "64", "--warmup_steps", "2", "--num_val_images", "2"]
 
@@ -43,7 +43,7 @@ def epoch_rows(out):
 def test_overfits_one_batch():
     """Model, loss and optimizer can fit one fixed batch exactly: nothing in the path blocks learning."""
     torch.manual_seed(0)
-    model, processor = mvr.build_model("tiny", lora_r=8, mlp_layers=2, head_hidden_dim=64)
+    model, processor = mvr.build_model("tiny-random", lora_r=8, mlp_layers=2, head_hidden_dim=64)
     records, _ = data.load_records("synthetic", split="train", synthetic=SyntheticConfig(num_train=4))
     ds = data.CountingDataset(records[:4], seed=0)
     batch = data.make_collate_fn(processor)([ds[i] for i in range(4)])
@@ -61,7 +61,7 @@ def test_overfits_one_batch():
 
 def test_gradient_flow_check_fires_when_a_group_is_frozen():
     """The first-step check passes when every group learns and names the group that got no gradient otherwise."""
-    model, processor = mvr.build_model("tiny", lora_r=8, mlp_layers=2, head_hidden_dim=64)
+    model, processor = mvr.build_model("tiny-random", lora_r=8, mlp_layers=2, head_hidden_dim=64)
     records, _ = data.load_records("synthetic", split="val", synthetic=SyntheticConfig(num_val=2))
     ds = data.CountingDataset(records, seed=0)
     batch = data.make_collate_fn(processor)([ds[0], ds[1]])
@@ -212,6 +212,10 @@ def test_config_file_settings_and_the_count_at_the_end(tmp_path):
     assert res["count_eval"]["split"] == "test" and res["count_eval"]["num_images"] == 3
     assert len(list((out / "count_examples").glob("*.png"))) == 3
     assert "counted 3 test images one object at a time" in proc.stdout and "count_examples" in proc.stdout
+    c = res["count_eval"]
+    assert c["match_radius_px_mean"] == 8.0  # utils.mark_radius of a 224-px image
+    if c["pred_count_mean"] > 0:  # the median distance from a counted point to its nearest object, said in words
+        assert c["point_to_nearest_object_px_median"] >= 0 and "a match needs 8 px or less" in proc.stdout
     cfg.write_text("epochs: 1\nlearning_rate: 0.1\n")
     bad = run_train(tmp_path / "bad", "--config", str(cfg), check=False)
     assert bad.returncode == 2 and "unknown setting(s) learning_rate" in bad.stderr.strip().splitlines()[-1]

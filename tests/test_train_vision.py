@@ -26,7 +26,7 @@ def test_train_vision_trains_exactly_its_modules_and_round_trips(mode, tmp_path)
     """merger trains the patch and DeepStack mergers only, all the whole ViT; both get gradients and move, and a
     saved checkpoint loads back predicting the same, with the trained vision weights, not the base's."""
     torch.manual_seed(0)
-    model, processor = mvr.build_model("tiny", lora_r=8, mlp_layers=2, head_hidden_dim=64, train_vision=mode)
+    model, processor = mvr.build_model("tiny-random", lora_r=8, mlp_layers=2, head_hidden_dim=64, train_vision=mode)
     vision = trained_vision(model)
     assert all(p.requires_grad for p in vision.values())
     if mode == "merger":

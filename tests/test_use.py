@@ -30,7 +30,7 @@ def run(tmp_path_factory):
     """A real training run on the synthetic data with the stop head. No warmup and lr 1e-2, so that in 6 steps LoRA's
     B matrices and the <x>/<y> rows move well away from their start: a merge that dropped either would show."""
     root = tmp_path_factory.mktemp("use")
-    cmd = [sys.executable, str(ROOT / "train_vlm_regression.py"), "--model_name", "tiny", "--dataset", "synthetic",
+    cmd = [sys.executable, str(ROOT / "train_vlm_regression.py"), "--model_name", "tiny-random", "--dataset", "synthetic",
            *SYNTHETIC, "--output_dir", str(root / "run"), "--epochs", "2", "--train_batches", "3", "--val_batches",
            "1", "--batch_size", "2", "--num_workers", "0", "--wandb_mode", "disabled", "--lora_r", "4",
            "--lora_alpha", "8", "--mlp_layers", "2", "--head_hidden_dim", "64", "--lr", "1e-2", "--warmup_steps", "0"]
@@ -130,7 +130,7 @@ def test_merged_export_predicts_what_the_adapter_model_predicts(run, merged):
     ids = [cfg["x_token_id"], cfg["y_token_id"]]
     rows = merged_model.vlm.get_input_embeddings().weight[ids]
     trained = adapter_model.vlm.get_input_embeddings().token_adapter.trainable_tokens_delta["default"]
-    base = mvr.load_base_model("tiny")
+    base = mvr.load_base_model("tiny-random")
     mvr.ensure_token_rows(base, ids)
     mvr.init_token_rows(base, ids)
     assert torch.equal(rows, trained.detach())  # the trained rows, not the base's initial ones
