@@ -40,3 +40,19 @@ def test_gpu_check_records_parts_out_of_budget(tmp_path):
     result = json.loads(out.read_text())
     assert result["lora_bf16"] == {"error": "not run: the 0 s budget was spent"}
     assert "error" in result["counting_forwards"]
+
+
+def test_demo_seeds_reports_each_seed_and_reuses_a_finished_run(tmp_path):
+    """benchmarks/demo_seeds.py runs the demo config per seed (extra flags passed through) and reports the count
+    against the bars; a second call finds the completed run and does not train it again."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "demo_seeds.py"), "--seeds", "3", "--out_root", str(tmp_path),
+           "--json", "--model_name", "tiny-random", "--epochs", "1", "--train_batches", "2", "--val_batches", "1",
+           "--eval_count_images", "3", "--synthetic_num_test", "4", "--wandb_mode", "disabled", "--num_workers", "0"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rows = json.loads(first.stdout)["rows"]
+    assert len(rows) == 1 and rows[0]["seed"] == 3 and rows[0]["count_images"] == 3 and rows[0]["wall_s"] > 0
+    assert rows[0]["mae"] >= 0 and rows[0]["baseline_mae"] > 0 and rows[0]["match_radius_px"] == 8.0
+    assert json.loads((tmp_path / "seed-3" / "config.json").read_text())["seed"] == 3
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and json.loads(again.stdout)["rows"][0]["wall_s"] is None
