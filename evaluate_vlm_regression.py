@@ -101,6 +101,17 @@ def match_points(pred, gt, radius):
     return int(ok[r, c].sum())
 
 
+def object_radius_f1(predictions):
+    """{"f1_object_radius": ..., "images_with_object_size": n} over predictions whose record has an object size."""
+    if not predictions:
+        return {"f1_object_radius": None, "images_with_object_size": 0}
+    tp = sum(p["num_matched_on_object"] for p in predictions)
+    pred, gt = sum(p["pred_count"] for p in predictions), sum(p["gt_count"] for p in predictions)
+    precision, recall = (tp / pred if pred else 0.0), (tp / gt if gt else 0.0)
+    return {"f1_object_radius": float(2 * precision * recall / (precision + recall)) if precision + recall else 0.0,
+            "images_with_object_size": len(predictions)}
+
+
 def count_metrics(predictions, train_mean_count=None):
     """Count error, localisation and stopping statistics of count_records' per-image predictions."""
     gt = np.array([p["gt_count"] for p in predictions], np.float64)
@@ -124,6 +135,9 @@ def count_metrics(predictions, train_mean_count=None):
         # how far the counted points land from the nearest object, against the radius a match allows (model frame)
         "point_to_nearest_object_px_median": float(np.median(near)) if len(near) else None,
         "match_radius_px_mean": float(np.mean(radii)) if radii else None,
+        # F1 with a match anywhere within the object's own radius (half its size) where the data gives a size: did
+        # the point land on the object it counted, whatever the mark's size
+        **object_radius_f1([p for p in predictions if p.get("num_matched_on_object") is not None]),
         "stop_reasons": {k: v for k, v in Counter(p["stop_reason"] for p in predictions).items()},
         "gt_count_mean": float(gt.mean()) if n else None,
         "pred_count_mean": float(pred.mean()) if n else None,
@@ -250,6 +264,7 @@ def _count_result(s, reason, match_radius):
     return {"image": rec.image_id, "object_type": rec.object_type, "gt_count": int(len(rec.points)),
             "pred_count": int(len(pts)), "stop_reason": reason, "steps": s["steps"],
             "num_matched": match_points(pts, s["gt"], radius), "match_radius_px": float(radius),
+            "num_matched_on_object": None if not s["object_size"] else match_points(pts, s["gt"], s["object_size"] / 2),
             "nearest_object_px": [round(float(d), 2) for d in nearest],
             "points": _to_original_frame(pts, rec, s["size"])}
 

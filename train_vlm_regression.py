@@ -528,7 +528,9 @@ def count_summary(m, args):
             f"{m['baseline_mean_count_mae']:.2f}); points found {m['recall']:.0%} of the objects (F1 {m['f1']:.2f}"
             + (f"; a counted point lands a median {m['point_to_nearest_object_px_median']:.0f} px from the nearest "
                f"object, a match needs {m['match_radius_px_mean']:.0f} px or less"
-               if m.get("point_to_nearest_object_px_median") is not None else "") + "); "
+               if m.get("point_to_nearest_object_px_median") is not None else "")
+            + (f"; F1 {m['f1_object_radius']:.2f} if landing within the object's own radius counts as a match"
+               if m.get("f1_object_radius") is not None else "") + "); "
             f"{by_head:.0%} of the images stopped on the model's own 'all counted' signal (stops: {stops}). "
             f"Pictures: {os.path.join(args.output_dir, 'count_examples')}/")
 

@@ -99,6 +99,7 @@ def test_oracle_counts_exactly_at_every_density_up_to_4000_objects(blank):
     assert [p["pred_count"] for p in out["predictions"]] == [len(p) for p in layouts]
     assert m["mae"] == 0 and m["stop_reasons"] == {"done": len(layouts)}
     assert m["f1"] == 1.0 and m["point_to_nearest_object_px_median"] < 0.01
+    assert m["f1_object_radius"] == 1.0 and m["images_with_object_size"] == 3  # the layouts given a size
 
 
 def test_a_model_that_points_at_a_counted_object_is_stopped(blank):

@@ -214,6 +214,8 @@ def test_config_file_settings_and_the_count_at_the_end(tmp_path):
     assert "counted 3 test images one object at a time" in proc.stdout and "count_examples" in proc.stdout
     c = res["count_eval"]
     assert c["match_radius_px_mean"] == 8.0  # utils.mark_radius of a 224-px image
+    assert c["images_with_object_size"] == 3 and 0 <= c["f1_object_radius"] <= 1  # synthetic shapes have sizes
+    assert c["f1_object_radius"] >= c["f1"]  # objects' radii (12-24 px) are wider than the 8-px mark radius
     if c["pred_count_mean"] > 0:  # the median distance from a counted point to its nearest object, said in words
         assert c["point_to_nearest_object_px_median"] >= 0 and "a match needs 8 px or less" in proc.stdout
     cfg.write_text("epochs: 1\nlearning_rate: 0.1\n")
