@@ -52,7 +52,9 @@ from utils import denormalize_points, mark_objects, normalize_points
 IMAGE_SIZE = 224  # the demo's image size: 7x7 merged visual tokens
 TYPES = tuple(f"{c} {s}" for s in SHAPES for c in COLOURS)  # singular names: "red circle"
 SYSTEM_TEXT = "You are a vision assistant that points at objects in images."
-TASKS = ("named", "unmarked")
+TASKS = ("named", "unmarked", "extreme")
+EXTREMES = {"topmost": (1, -1), "bottommost": (1, 1), "leftmost": (0, -1), "rightmost": (0, 1)}  # (axis, sign)
+EXTREME_MARGIN = 10  # px: the extreme object beats the runner-up along its axis by at least this much
 VAL_KEY = 1_000_003  # validation images come from default_rng([seed, VAL_KEY, i]); training from [seed, step]
 
 # -----------------------------------------------------------------------------
@@ -62,9 +64,14 @@ VAL_KEY = 1_000_003  # validation images come from default_rng([seed, VAL_KEY, i
 def pointing_layout(rng, task, background, max_distractors=4):
     """(layout for synthetic_data.render_synthetic, target index, instruction text). 'named': one object of the
     named type and 0-4 distractors of other types. 'unmarked': 1-5 objects of any types; all but the target get
-    numbered labels, and the prompt asks for the one without."""
+    numbered labels, and the prompt asks for the one without. 'extreme': 1-5 objects of any types, and the prompt
+    asks for the topmost, bottommost, leftmost or rightmost (ahead of the next by >= EXTREME_MARGIN px): selection
+    by position, which counting in an order needs."""
     s = IMAGE_SIZE
     n = 1 + int(rng.integers(0, max_distractors + 1))
+    if task == "extreme":
+        direction = list(EXTREMES)[int(rng.integers(len(EXTREMES)))]
+        axis, sign = EXTREMES[direction]
     target = TYPES[int(rng.integers(len(TYPES)))]
     if task == "named":
         others = [t for t in TYPES if t != target]
@@ -87,11 +94,17 @@ def pointing_layout(rng, task, background, max_distractors=4):
                 break
         if not placed:  # the target always fits in an empty image; this guards the invariant
             raise RuntimeError("could not place the target")
+    if task == "extreme":  # the target: the most extreme object; any other within the margin of it is left out
+        key = [sign * o[1 + axis] for o in placed]
+        best = int(np.argmax(key))
+        placed = [placed[best]] + [o for i, o in enumerate(placed) if i != best and key[best] - key[i] >= EXTREME_MARGIN]
     order = rng.permutation(len(placed))  # the target is not always drawn first (it would be under the others)
     objects = [placed[i] for i in order]
     target_index = int(np.argwhere(order == 0)[0, 0])
     if task == "named":
         text = f"Point at the {target}."
+    elif task == "extreme":
+        text = f"Point at the {direction} object."
     else:
         text = "Point at the object that has no white label."
     return dict(size=s, background=bg, objects=objects), target_index, text
@@ -124,10 +137,11 @@ def encode(processor, images, instructions):
     return {k: v for k, v in batch.items() if torch.is_tensor(v)}
 
 
-def sample_spec(key, unmarked_fraction, plain_fraction=0.5):
+def sample_spec(key, unmarked_fraction, plain_fraction=0.5, extreme_fraction=0.0):
     """(task, background) of the sample drawn from `key`: its own stream, so the mix does not shift the images."""
     rng = np.random.default_rng(list(key) + [7])
-    task = "unmarked" if rng.random() < unmarked_fraction else "named"
+    u = rng.random()
+    task = "unmarked" if u < unmarked_fraction else "extreme" if u < unmarked_fraction + extreme_fraction else "named"
     return task, ("plain" if rng.random() < plain_fraction else "varied")
 
 
@@ -135,10 +149,10 @@ class PointingBatches(torch.utils.data.Dataset):
     """Item `step` is the whole training batch of that step (so DataLoader workers cannot change the order)."""
 
     def __init__(self, processor, seed, batch_size, unmarked_fraction, plain_fraction=0.5, max_distractors=4,
-                 curriculum_steps=0):
+                 curriculum_steps=0, extreme_fraction=0.0):
         self.processor, self.seed, self.batch_size = processor, seed, batch_size
         self.unmarked_fraction, self.plain_fraction, self.max_distractors = unmarked_fraction, plain_fraction, max_distractors
-        self.curriculum_steps = curriculum_steps
+        self.curriculum_steps, self.extreme_fraction = curriculum_steps, extreme_fraction
 
     def difficulty(self, step):
         """(plain_fraction, max_distractors) at `step`: during the curriculum, from one object on plain grey (learned
@@ -156,7 +170,7 @@ class PointingBatches(torch.utils.data.Dataset):
         for i in range(self.batch_size):
             key = [self.seed, step, i]
             plain_fraction, max_distractors = self.difficulty(step)
-            task, background = sample_spec(key, self.unmarked_fraction, plain_fraction)
+            task, background = sample_spec(key, self.unmarked_fraction, plain_fraction, self.extreme_fraction)
             image, text, target = pointing_sample(key, task, background, max_distractors)
             images.append(image)
             texts.append(text)
@@ -344,7 +358,8 @@ def train(args):
     n_params = sum(p.numel() for p in model.base.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
 
-    tasks = ["named"] + (["unmarked"] if args.unmarked_fraction > 0 else [])
+    tasks = ["named"] + (["unmarked"] if args.unmarked_fraction > 0 else []) + \
+        (["extreme"] if args.extreme_fraction > 0 else [])
     val = {t: validation_set(processor, args.seed, args.val_images, t) for t in tasks}
     baseline = {t: baseline_error(v) for t, v in val.items()}
     t_val = time.time()
@@ -361,7 +376,7 @@ def train(args):
     # after the DataLoader's prefetched batches are used up, so the timing is the steady, data-bound one
     calib = (args.warmup // 2, args.warmup)
     data = PointingBatches(processor, args.seed, args.batch_size, args.unmarked_fraction, args.plain_fraction,
-                           args.max_distractors, args.curriculum_steps)
+                           args.max_distractors, args.curriculum_steps, args.extreme_fraction)
     workers = args.workers if args.workers >= 0 else (min(12, (os.cpu_count() or 2) - 2) if device.type == "cuda" else 0)
     loader = torch.utils.data.DataLoader(
         data, batch_size=None, sampler=range(10 ** 9), num_workers=workers, worker_init_fn=_worker_init,
@@ -429,7 +444,8 @@ def train(args):
         task=dict(prompt=user_text("Point at the <colour> <shape>."), system=SYSTEM_TEXT, image_size=IMAGE_SIZE,
                   objects=f"1 target + 0-{args.max_distractors} distractors, radius 12-24 px (validation: 0-4)",
                   backgrounds=f"plain {args.plain_fraction:.0%}, varied otherwise (validation: half each)",
-                  unmarked_fraction=args.unmarked_fraction),
+                  unmarked_fraction=args.unmarked_fraction, extreme_fraction=args.extreme_fraction,
+                  extreme_prompt="Point at the topmost|bottommost|leftmost|rightmost object."),
         optimizer=dict(name="AdamW", betas=[0.9, 0.95], weight_decay=args.weight_decay,
                        schedule=f"linear warm-up {args.warmup} steps, cosine to {args.min_lr_ratio} x lr"),
         device=device_name(device), device_type=device.type, dataloader_workers=workers,
@@ -472,6 +488,8 @@ def parse_args(argv=None):
     p.add_argument("--plain_fraction", type=float, default=0.5, help="share of training images on plain grey (the rest varied)")
     p.add_argument("--curriculum_steps", type=int, default=0, help="steps over which the task ramps from one object on plain grey to the full mix")
     p.add_argument("--unmarked_fraction", type=float, default=0.0, help="share of 'object without a white label' samples")
+    p.add_argument("--extreme_fraction", type=float, default=0.0, help="share of 'the topmost/bottommost/leftmost/"
+                   "rightmost object' samples")
     # ---- Validation and data loading
     p.add_argument("--val_images", type=int, default=200, help="held-out images per task")
     p.add_argument("--eval_every", type=int, default=250, help="steps between validations")

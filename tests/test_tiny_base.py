@@ -23,6 +23,15 @@ def test_named_sample_has_exactly_one_object_of_the_named_type():
         assert 1 <= len(types) <= 5
 
 
+def test_extreme_sample_targets_the_object_furthest_that_way_by_a_margin():
+    """'Point at the leftmost object.' is answerable: the target leads every other object by >= the margin."""
+    for i in range(50):
+        layout, ti, text = pt.pointing_layout(np.random.default_rng([1, i]), "extreme", "plain")
+        axis, sign = pt.EXTREMES[text.split()[3]]
+        key = [sign * o[1 + axis] for o in layout["objects"]]
+        assert all(key[ti] - k >= pt.EXTREME_MARGIN for j, k in enumerate(key) if j != ti)
+
+
 def test_sample_is_a_pure_function_of_its_key():
     a, b = pt.pointing_sample([3, 5, 1], "unmarked", "varied"), pt.pointing_sample([3, 5, 1], "unmarked", "varied")
     assert np.array_equal(np.asarray(a[0]), np.asarray(b[0])) and a[1] == b[1] and np.array_equal(a[2], b[2])
