@@ -523,16 +523,20 @@ def count_summary(m, args):
     """The end of the console: the count in words a newcomer reads, and where the pictures are."""
     stops = m["stop_reasons"]
     by_head = stops.get("done", 0) / max(1, m["num_images"])
-    return (f"counted {m['num_images']} {m['split']} images one object at a time: mean absolute count error "
-            f"{m['mae']:.2f} objects (always guessing the mean count of the training images: "
-            f"{m['baseline_mean_count_mae']:.2f}); points found {m['recall']:.0%} of the objects (F1 {m['f1']:.2f}"
-            + (f"; a counted point lands a median {m['point_to_nearest_object_px_median']:.0f} px from the nearest "
-               f"object, a match needs {m['match_radius_px_mean']:.0f} px or less"
-               if m.get("point_to_nearest_object_px_median") is not None else "")
-            + (f"; F1 {m['f1_object_radius']:.2f} if landing within the object's own radius counts as a match"
-               if m.get("f1_object_radius") is not None else "") + "); "
-            f"{by_head:.0%} of the images stopped on the model's own 'all counted' signal (stops: {stops}). "
-            f"Pictures: {os.path.join(args.output_dir, 'count_examples')}/")
+    points = f"found {m['recall']:.0%} of the objects (F1 {m['f1']:.2f} with a match within the " \
+             f"{m.get('match_radius_px_mean') or 0:.0f}-px mark radius"
+    if m.get("f1_object_radius") is not None:
+        points += f", {m['f1_object_radius']:.2f} within the object's own radius"
+    points += ")"
+    if m.get("point_to_nearest_object_px_median") is not None:
+        points += f"; a counted point lands a median {m['point_to_nearest_object_px_median']:.0f} px from the nearest object"
+    return "\n".join([
+        f"counted {m['num_images']} {m['split']} images one object at a time:",
+        f"  count: mean absolute error {m['mae']:.2f} objects; always guessing the training images' mean count: "
+        f"{m['baseline_mean_count_mae']:.2f}",
+        f"  stopping: {by_head:.0%} of the images stopped on the model's own 'all counted' signal (stops: {stops})",
+        f"  points: {points}",
+        f"  pictures: {os.path.join(args.output_dir, 'count_examples')}/"])
 
 
 def finish(run):

@@ -217,7 +217,8 @@ def test_config_file_settings_and_the_count_at_the_end(tmp_path):
     assert c["images_with_object_size"] == 3 and 0 <= c["f1_object_radius"] <= 1  # synthetic shapes have sizes
     assert c["f1_object_radius"] >= c["f1"]  # objects' radii (12-24 px) are wider than the 8-px mark radius
     if c["pred_count_mean"] > 0:  # the median distance from a counted point to its nearest object, said in words
-        assert c["point_to_nearest_object_px_median"] >= 0 and "a match needs 8 px or less" in proc.stdout
+        assert c["point_to_nearest_object_px_median"] >= 0 and "px from the nearest object" in proc.stdout
+    assert "within the 8-px mark radius" in proc.stdout and "within the object's own radius" in proc.stdout
     cfg.write_text("epochs: 1\nlearning_rate: 0.1\n")
     bad = run_train(tmp_path / "bad", "--config", str(cfg), check=False)
     assert bad.returncode == 2 and "unknown setting(s) learning_rate" in bad.stderr.strip().splitlines()[-1]
