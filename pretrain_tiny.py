@@ -219,7 +219,8 @@ class PointingModel(nn.Module):
 
 
 def build(args, device):
-    """(PointingModel, processor): tiny_model's cached random init, optionally redrawn with another std."""
+    """(PointingModel, processor): tiny_model's cached random init redrawn with --init_std, or (--init_std 0) the
+    weights of --init_dir as they are: a second stage continuing a pretrained base (fresh heads)."""
     from transformers import Qwen3VLForConditionalGeneration
 
     init_dir = args.init_dir or tiny_model_dir()
@@ -238,11 +239,12 @@ def build(args, device):
         vc = base.config.vision_config
         for proc in (processor.image_processor, processor.video_processor):
             proc.patch_size, proc.merge_size = vc.patch_size, vc.spatial_merge_size
-    elif (args.init_std, args.init_pos_std) != (TINY_INIT_STD, TINY_POS_EMBED_STD):
+    elif args.init_std > 0 and (args.init_std, args.init_pos_std) != (TINY_INIT_STD, TINY_POS_EMBED_STD):
         rescale_random_init(base, args.init_std, args.init_pos_std, seed=args.seed)
     base.config.use_cache = False
     assert max(ids) < base.get_input_embeddings().weight.shape[0], "the tiny matrix has spare rows for <x>/<y>"
-    init_token_rows(base, ids)
+    if processor.coordinate_tokens_added or args.init_std > 0:  # a continued base keeps its trained <x>/<y> rows
+        init_token_rows(base, ids)
     torch.manual_seed(args.seed)  # the heads' init
     model = PointingModel(base, *ids).to(device)
     return model, processor
@@ -339,6 +341,18 @@ def save_base(model, processor, out, recipe):
         f.write("\n")
 
 
+def init_record(args):
+    """Where the weights started: tiny_model's random init (redrawn at --init_std), or a base's folder with its own
+    recipe (a second stage), so a rebuild can follow the chain."""
+    if args.init_std > 0:
+        return dict(source=f"tiny_model.build_tiny_model ({TINY_VERSION})", std=args.init_std, pos_std=args.init_pos_std)
+    path = os.path.join(args.init_dir or tiny_model_dir(), "recipe.json")
+    prior = json.load(open(path)) if os.path.exists(path) else None
+    if prior:
+        prior = {k: v for k, v in prior.items() if k not in ("curve", "config")}  # keep the chain readable
+    return dict(source=f"the weights of {args.init_dir}, kept (--init_std 0)", recipe=prior)
+
+
 def train(args):
     t_start = time.time()
     device = torch.device(args.device)
@@ -384,7 +398,7 @@ def train(args):
     model.train()
     step, stopped_early, losses, t_calib, t_train = 0, False, [], None, time.time()
     for batch, target in loader:
-        if total > 0 and step >= total:
+        if total > 0 and step >= total or args.stop_after and step >= args.stop_after:
             break
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args, total if total > 0 else 10 ** 9)
@@ -437,10 +451,10 @@ def train(args):
         what="tiny Qwen3-VL pretrained on synthetic pointing (pretrain_tiny.py); the heads are not saved",
         command="python pretrain_tiny.py " + " ".join(args.argv),
         settings={k: v for k, v in vars(args).items() if k not in ("out", "argv", "device")},
-        rebuild=(f"python pretrain_tiny.py --steps {total} (+ the settings above, no --max_minutes), same device type"
-                 if not stopped_early else "not rebuildable bit-for-bit: --max_minutes cut the planned schedule"),
+        rebuild=(f"python pretrain_tiny.py --steps {total}" + (f" --stop_after {step}" if step < total else "")
+                 + " (+ the settings above, no --max_minutes), same device type and --threads"),
         steps_done=step, steps_planned=total, stopped_early=stopped_early,
-        init=dict(source=f"tiny_model.build_tiny_model ({TINY_VERSION})", std=args.init_std, pos_std=args.init_pos_std),
+        init=init_record(args),
         task=dict(prompt=user_text("Point at the <colour> <shape>."), system=SYSTEM_TEXT, image_size=IMAGE_SIZE,
                   objects=f"1 target + 0-{args.max_distractors} distractors, radius 12-24 px (validation: 0-4)",
                   backgrounds=f"plain {args.plain_fraction:.0%}, varied otherwise (validation: half each)",
@@ -470,6 +484,8 @@ def parse_args(argv=None):
     # ---- Optimization
     p.add_argument("--steps", type=int, default=8000, help="training steps; 0: as many as --max_minutes allows")
     p.add_argument("--max_minutes", type=float, default=0, help="wall-time budget, start to save (0: none)")
+    p.add_argument("--stop_after", type=int, default=0, help="stop after this many of --steps (the schedule is still "
+                   "--steps'): rebuilds a run that --max_minutes cut, from its recipe")
     p.add_argument("--budget_fraction", type=float, default=0.85, help="with --steps 0: share of the budget planned for steps (the rest: start-up, validation, saving)")
     p.add_argument("--batch_size", type=int, default=16, help="images per step")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
@@ -478,8 +494,10 @@ def parse_args(argv=None):
     p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0: off)")
     # ---- Model init
-    p.add_argument("--init_dir", default=None, help="random-init model folder (default: tiny_model's cache)")
-    p.add_argument("--init_std", type=float, default=0.02, help="std of every matrix (tiny-random's: 0.3, which suits LoRA on a random model, not full training)")
+    p.add_argument("--init_dir", default=None, help="model folder to start from (default: tiny_model's random init); "
+                   "with --init_std 0, a pretrained base to continue")
+    p.add_argument("--init_std", type=float, default=0.02, help="redraw every matrix at this std (tiny-random's: 0.3, which suits LoRA on a random model, not full "
+                   "training); 0: keep --init_dir's weights")
     p.add_argument("--init_pos_std", type=float, default=0.02, help="std of the ViT position embedding")
     p.add_argument("--vision_config", default=None, help='JSON changes to the tiny vision tower, e.g. '
                    '\'{"patch_size": 8, "num_position_embeddings": 784}\' (the processor follows patch_size)')

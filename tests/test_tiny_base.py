@@ -38,10 +38,28 @@ def test_sample_is_a_pure_function_of_its_key():
     assert np.all(np.abs(a[2]) < 1)
 
 
-def _short_run(out):
+def _short_run(out, *extra):
     return pt.train(pt.parse_args(["--out", str(out), "--steps", "6", "--batch_size", "2", "--warmup", "3",
                                    "--eval_every", "3", "--val_images", "4", "--unmarked_fraction", "0.5",
-                                   "--curriculum_steps", "4", "--threads", "1"]))
+                                   "--curriculum_steps", "4", "--threads", "1", *extra]))
+
+
+def test_a_cut_run_is_rebuilt_from_its_recipe(tmp_path):
+    """--stop_after replays a schedule cut short (as --max_minutes cuts it): the recipe says how, and a base continued
+    from it with --init_std 0 keeps its weights as the start and records the first stage's recipe."""
+    r = _short_run(tmp_path / "cut", "--stop_after", "4")
+    assert r["steps_done"] == 4 and r["steps_planned"] == 6 and "--steps 6 --stop_after 4" in r["rebuild"]
+    r2 = _short_run(tmp_path / "cut2", "--stop_after", "4")
+    assert r2["weights_sha256"] == r["weights_sha256"]
+    stage2 = pt.train(pt.parse_args(["--out", str(tmp_path / "stage2"), "--init_dir", str(tmp_path / "cut"),
+                                     "--init_std", "0", "--steps", "2", "--batch_size", "2", "--warmup", "1",
+                                     "--eval_every", "2", "--val_images", "4", "--threads", "1"]))
+    assert stage2["init"]["recipe"]["weights_sha256"] == r["weights_sha256"]
+    from safetensors.torch import load_file
+
+    model, _ = pt.build(pt.parse_args(["--init_dir", str(tmp_path / "cut"), "--init_std", "0"]), torch.device("cpu"))
+    saved = load_file(tmp_path / "cut" / "model.safetensors")
+    assert all(torch.equal(p, saved[n]) for n, p in model.base.state_dict().items() if n in saved) and len(saved) > 10
 
 
 def test_pretraining_is_bit_identical_for_a_seed_and_records_its_hash(tmp_path):
