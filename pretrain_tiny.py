@@ -1,29 +1,36 @@
 """
 Pretrain the whole tiny Qwen3-VL (vision tower, merger, language model, embeddings) on a generic synthetic pointing
-task, "Point at the <colour> <shape>.", and save it as a base that the demo then LoRA-tunes like a real checkpoint.
+task and save it as a base that the demo then LoRA-tunes like a real checkpoint (`--model_name tiny`: tiny_base/).
 
-    python pretrain_tiny.py --out tiny_base --steps 3000 --threads 1              # CPU: ~0.1-0.3 s/step at batch 8
-    PYTHONUNBUFFERED=1 python3 pretrain_tiny.py --device cuda --steps 0 --max_minutes 6 --batch_size 32 \
-        --warmup 300 --curriculum_steps 2000 --eval_every 500 --out tiny_base          # one GPU, ~6 minutes
+    python pretrain_tiny.py --out /tmp/stage1 --steps 2350 --stop_after 2174 --unmarked_fraction 0 \
+        --extreme_fraction 0 --plain_fraction 0.5 --curriculum_steps 1500 --warmup 200 --eval_every 200 --threads 1
+    python pretrain_tiny.py --out tiny_base --init_dir /tmp/stage1 --init_std 0 --steps 4000 --lr 5e-4 \
+        --warmup 200 --curriculum_steps 0 --threads 1          # the shipped base: tiny_base/recipe.json has both
     python pretrain_tiny.py --out /tmp/check --steps 20 --batch_size 2 --eval_every 10 --val_images 8   # smoke
 
-Each image holds exactly one object of the named type and 0-4 distractors of other types, on a plain or varied
-background, at 224 px (the demo's size). The heads read the hidden states at <x> and <y>, as the counting model's do;
-they are thrown away. Optionally a share of samples (--unmarked_fraction) asks for "the object without a white
-label", the other objects carrying utils.mark_objects' numbered discs (no counting order is involved).
+The tasks (each image 224 px, the demo's size, 1-5 shapes of radius 12-24 px on a plain or varied background):
+- named: "Point at the red circle.": one object of the named type among 0-4 of other types;
+- unmarked (--unmarked_fraction): "Point at the object that has no white label.": the others carry
+  utils.mark_objects' numbered discs (no counting order is involved);
+- extreme (--extreme_fraction): "Point at the topmost object." (or bottommost, leftmost, rightmost), ahead of the
+  next by >= EXTREME_MARGIN px: selection by position.
+None of them is the demo's task (count one type in an order, say when done). The heads read the hidden states at
+<x> and <y>, as the counting model's do; they are thrown away. --curriculum_steps ramps from one object on plain
+grey to the full mix. From tiny_model's random init, the full mix at once stayed at its baseline for 1,000 steps
+(a plateau) while "named" alone left it within 500: the shipped base is two stages, named first, then the mix.
 
-Deterministic given --seed on a given device: batch `step` is drawn from np.random.default_rng([seed, step]), the
-model starts from tiny_model's cached random init (redrawn from the seed when --init_std differs), and torch runs
-with deterministic algorithms. With --steps 0 and --max_minutes, the number of steps is fixed from the measured
-speed of the first steps (during warm-up, whose learning rates do not depend on it) and recorded in recipe.json:
-rerunning with that --steps rebuilds the same weights. --max_minutes also stops a run cleanly (final validation,
-save) if it would overrun.
+Deterministic given --seed on a given device type and --threads: batch `step` is drawn from
+np.random.default_rng([seed, step]), the model starts from tiny_model's cached random init redrawn at --init_std
+(or, with --init_std 0, from --init_dir's weights as they are), and torch runs with deterministic algorithms. With
+--steps 0 and --max_minutes, the number of steps is fixed from the measured speed of the first steps (during
+warm-up, whose learning rates do not depend on it) and recorded in recipe.json; a run that --max_minutes cut is
+replayed with --stop_after. recipe.json's `rebuild` says which.
 
 Imports need no wandb or qwen-vl-utils; prompt.py imports inflect (building tiny_model's tokenizer corpus needs it).
 
 The output folder: model.safetensors + config.json (the Qwen3VLForConditionalGeneration only), the processor (with
-<x>/<y> in its tokenizer), and recipe.json (every setting, versions, device, wall time, validation pixel errors and
-the weights' sha256).
+<x>/<y> in its tokenizer), and recipe.json (every setting, versions, device, wall time, the validation curve in
+pixels and within 8 px, the weights' sha256, and for a second stage the first stage's recipe).
 """
 
 import argparse

@@ -103,3 +103,30 @@ def test_shipped_base_matches_its_recipe():
         assert keys and {k: shipped[k] for k in keys} == {k: recorded[k] for k in keys}, part
     for name in recipe["files"]:
         assert (SHIPPED / name).exists(), name
+
+
+@pytest.mark.skipif(not (SHIPPED / "recipe.json").exists(), reason="no tiny_base/ in the repository (not shipped yet)")
+def test_model_name_tiny_is_the_shipped_base_and_keeps_its_token_rows(tmp_path):
+    """--model_name tiny loads tiny_base/ (not the random init), keeps its trained <x>/<y> rows, and trains with
+    LoRA and --train_vision merger through the CLI."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    import model_vlm_regression as mvr
+
+    model, processor = mvr.build_model("tiny", lora_r=4, head_hidden_dim=32)
+    ids = mvr.coordinate_token_ids(processor)
+    saved = load_file(SHIPPED / "model.safetensors")
+    rows = saved[next(k for k in saved if k.endswith("embed_tokens.weight"))][ids]
+    torch.testing.assert_close(mvr.base_of(model.vlm).get_input_embeddings()(torch.tensor(ids)), rows, rtol=0, atol=0)
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "train_vlm_regression.py", "--model_name", "tiny", "--dataset", "synthetic",
+                           "--synthetic_num_train", "16", "--synthetic_num_val", "4", "--epochs", "1",
+                           "--train_batches", "2", "--val_batches", "1", "--batch_size", "2", "--num_workers", "0",
+                           "--train_vision", "merger", "--wandb_mode", "disabled", "--output_dir", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = json.loads((out / "checkpoints/last/regression_config.json").read_text())
+    assert cfg["base_model"] == "tiny" and cfg["train_vision"] == "merger"
