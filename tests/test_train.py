@@ -106,19 +106,25 @@ def test_output_files_and_checkpoints(tmp_path):
     assert model.config["ordering"] == "reading_order"
 
 
+def kill_after_checkpoint(out, args, step, timeout=180):
+    """Start a training into `out`, SIGKILL it once its last checkpoint has reached `step`; returns state.json's path."""
+    proc = subprocess.Popen(train_cmd(out, *args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = out / "checkpoints/last/state.json"
+    deadline = time.time() + timeout
+    while not (state.exists() and json.loads(state.read_text())["step"] >= step):
+        assert proc.poll() is None and time.time() < deadline, "run ended before the first mid-epoch checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return state
+
+
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     """A run killed mid-epoch and resumed from its last checkpoint logs what an uninterrupted run logs."""
     args = ["--epochs", "2", "--train_batches", "24", "--val_batches", "2", "--checkpoint_every", "5"]
     run_train(tmp_path / "straight", *args)
     out = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(out, *args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = out / "checkpoints/last/state.json"
-    deadline = time.time() + 120
-    while not (state.exists() and json.loads(state.read_text())["step"] >= 5):
-        assert proc.poll() is None and time.time() < deadline, "run ended before the first mid-epoch checkpoint"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    state = kill_after_checkpoint(out, args, step=5)
     assert json.loads(state.read_text())["batch_in_epoch"] > 0  # killed mid-epoch, no results yet
     assert not (out / "results.json").exists()
     run_train(out, *args, "--resume")

@@ -1,17 +1,13 @@
 """--train_vision none|merger|all and --vision_lr: which weights train, their gradients, save/load, export, and a
 training run that resumes with the vision side's weights and optimizer state."""
 import json
-import signal
-import subprocess
-import time
 
 import pytest
 import torch
 
 import model_vlm_regression as mvr
-from conftest import ROOT
 from test_model import make_batch, random_image
-from test_train import epoch_rows, run_train, train_cmd
+from test_train import epoch_rows, kill_after_checkpoint, run_train
 
 
 def trained_vision(model):
@@ -95,14 +91,7 @@ def test_vision_training_is_recorded_and_resumes_exactly(tmp_path):
     cfg = json.loads((straight / "config.json").read_text())
     assert cfg["train_vision"] == "merger" and cfg["vision_lr"] == 2e-3
     out = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(out, *args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = out / "checkpoints/last/state.json"
-    deadline = time.time() + 180
-    while not (state.exists() and json.loads(state.read_text())["step"] >= 4):
-        assert proc.poll() is None and time.time() < deadline, "run ended before the first mid-epoch checkpoint"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(out, args, step=4)
     run_train(out, *args, "--resume")
     a, b = epoch_rows(straight), epoch_rows(out)
     keys = ("epoch", "step", "train/loss", "val/loss", "val/pixel_error")
