@@ -443,7 +443,7 @@ class CountingDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, records, ordering="reading_order", min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS,
-                 done_fraction=0.0, seed=0, mark_style="auto"):
+                 done_fraction=0.0, seed=0, mark_style="auto", mark_jitter=0.0):
         if ordering not in utils.ORDERINGS:
             raise ValueError(f"unknown ordering {ordering!r}; choose from {utils.ORDERINGS}")
         if not records:
@@ -454,6 +454,7 @@ class CountingDataset(torch.utils.data.Dataset):
         if mark_style not in counting.MARK_STYLES:
             raise ValueError(f"unknown mark style {mark_style!r}; choose from {counting.MARK_STYLES}")
         self.mark_style = mark_style
+        self.mark_jitter = float(mark_jitter)
         self.skipped = 0
         self._bad = set()
         self._orders = {}
@@ -495,8 +496,13 @@ class CountingDataset(torch.utils.data.Dataset):
             k, target = n, np.array([-1.0, -1.0], np.float32)
         else:
             target = utils.normalize_points(pts[k], *image.size)[0]
-        return CountingSample(self.mark(image, pts[:k], object_size_in(rec, image.size)), rec.object_type, k, target,
-                              pts, rec.image_id, done)
+        size = object_size_in(rec, image.size)
+        marked = pts[:k]
+        scale = counting.protocol_scale(marked, size) if self.mark_jitter and k else None
+        if scale:  # marks where a model would have put them: off the centres by up to a share of the object's scale
+            marked = np.clip(marked + rng.normal(0.0, self.mark_jitter * scale, marked.shape), 0,
+                             [image.size[0] - 1, image.size[1] - 1]).astype(pts.dtype)
+        return CountingSample(self.mark(image, marked, size), rec.object_type, k, target, pts, rec.image_id, done)
 
     def mark(self, image, marked, object_size):
         """The image with `marked` drawn as evaluation draws them after counting those points (counting.mark_spec:
@@ -538,6 +544,10 @@ def add_data_args(parser):
     g.add_argument("--max_pixels", type=int, default=MAX_PIXELS, help="images above this many pixels are shrunk")
     g.add_argument("--done_fraction", type=float, default=DONE_FRACTION,
                    help="share of 'all marked' training samples (the stop head's positives)")
+    g.add_argument("--mark_jitter", type=float, default=0.0,
+                   help="training marks drawn off their objects' centres by a normal offset of this share of the "
+                        "protocol's scale (std per axis): teaches that a mark near an object counts it, as the marks of "
+                        "an imperfect model's own points do at counting time (validation marks stay exact)")
     g.add_argument("--mark_style", default="auto", choices=counting.MARK_STYLES,
                    help="numbered labels, dots, or labels where they fit and dots where they would hide objects")
     g.add_argument("--annotation_file", default=None,
@@ -576,6 +586,8 @@ def check_data_args(parser, args):
             parser.error(f"--{high} ({b}) must be >= --{low} ({a})")
     if getattr(args, "synthetic_min_radius", None) is not None and not args.synthetic_min_radius > 0:
         parser.error(f"--synthetic_min_radius must be > 0, got {args.synthetic_min_radius}")
+    if getattr(args, "mark_jitter", None) is not None and not 0 <= args.mark_jitter <= 1:
+        parser.error(f"--mark_jitter must be in [0, 1], got {args.mark_jitter}")
     if getattr(args, "done_fraction", None) is not None and not 0 <= args.done_fraction < 1:
         parser.error(f"--done_fraction must be in [0, 1), got {args.done_fraction}")
 

@@ -49,7 +49,7 @@ def load_data(args, world, rank):
         sys.exit(f"error: {e}")
     dkw = dict(ordering=args.ordering, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
                done_fraction=args.done_fraction, mark_style=args.mark_style)
-    train_ds = data.CountingDataset(train_records, seed=args.seed, **dkw)
+    train_ds = data.CountingDataset(train_records, seed=args.seed, mark_jitter=args.mark_jitter, **dkw)
     val_ds = data.CountingDataset(val_records, seed=args.seed + 1, **dkw)
     train_batches = args.train_batches or len(train_ds) // (args.batch_size * world)
     train_batches = max(1, math.ceil(train_batches / args.grad_accum)) * args.grad_accum  # epochs end on a full step

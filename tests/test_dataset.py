@@ -188,6 +188,27 @@ def test_counting_dataset_samples(fsc):
     assert done.done and done.num_marked == len(records[0].points) and done.target.tolist() == [-1.0, -1.0]
 
 
+def test_mark_jitter_moves_the_marks_only(fsc):
+    """--mark_jitter draws the marks off the objects' centres (the image changes where k > 0) while the sample's k,
+    target and points stay those of the unjittered dataset; 0 leaves every image as it was."""
+    root, _ = fsc
+    records, _ = load("fsc147", root, "train")
+    plain = dataset.CountingDataset(records, seed=3)
+    zero = dataset.CountingDataset(records, seed=3, mark_jitter=0.0)
+    jittered = dataset.CountingDataset(records, seed=3, mark_jitter=0.3)
+    moved = 0
+    for i in range(len(records)):
+        a, b, c = plain[i], zero[i], jittered[i]
+        assert np.array_equal(np.array(a.image), np.array(b.image))
+        assert (a.num_marked, a.target.tolist()) == (c.num_marked, c.target.tolist())
+        np.testing.assert_array_equal(a.points, c.points)
+        if a.num_marked:
+            moved += not np.array_equal(np.array(a.image), np.array(c.image))
+        else:
+            assert np.array_equal(np.array(a.image), np.array(c.image))
+    assert moved > 0
+
+
 def test_counting_dataset_survives_corrupt_image(fsc, tmp_path):
     """An image that fails to decode is warned about once and replaced by another sample; the epoch goes on."""
     root, _ = fsc
