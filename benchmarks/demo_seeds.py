@@ -1,6 +1,6 @@
 """
 The README's demo on several seeds: runs `train_vlm_regression.py --config configs/demo.yaml --seed S` for each
-seed (skipping a seed whose run folder already holds a completed run) and prints one row per seed: wall times, the
+seed (skipping a seed whose run folder holds a completed run, resuming one that holds an unfinished run) and prints one row per seed: wall times, the
 held-out count against the demo's bars, and how far the counted points land against the match radius.
 
     python benchmarks/demo_seeds.py --out_root runs/demo-seeds                  # seeds 42 (the demo's), 0, 1; ~8 min each
@@ -24,11 +24,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_seed(seed, out_dir, extra):
     """Train + count one seed (unless done); returns the wall seconds of this call (None when skipped)."""
     results = os.path.join(out_dir, "results.json")
-    if os.path.exists(results) and json.load(open(results)).get("status") == "completed":
+    status = json.load(open(results)).get("status") if os.path.exists(results) else None
+    if status == "completed":
         return None
     t = time.time()
     cmd = [sys.executable, os.path.join(ROOT, "train_vlm_regression.py"), "--config",
            os.path.join(ROOT, "configs", "demo.yaml"), "--seed", str(seed), "--output_dir", out_dir, *extra]
+    if status is not None:  # an interrupted or failed run: continue from its checkpoint (or start it again)
+        cmd.append("--resume")
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=sys.stderr)  # stdout: only the report
     return time.time() - t
 
