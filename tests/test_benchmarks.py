@@ -44,7 +44,8 @@ def test_gpu_check_records_parts_out_of_budget(tmp_path):
 
 def test_demo_seeds_reports_each_seed_and_reuses_a_finished_run(tmp_path):
     """benchmarks/demo_seeds.py runs the demo config per seed (extra flags passed through) and reports the count
-    against the bars; a second call finds the completed run and does not train it again."""
+    against the bars; a second call finds the completed run and does not train it again; an unfinished one is
+    resumed."""
     cmd = [sys.executable, str(ROOT / "benchmarks" / "demo_seeds.py"), "--seeds", "3", "--out_root", str(tmp_path),
            "--json", "--model_name", "tiny-random", "--epochs", "1", "--train_batches", "2", "--val_batches", "1",
            "--eval_count_images", "3", "--synthetic_num_test", "4", "--wandb_mode", "disabled", "--num_workers", "0"]
@@ -56,3 +57,11 @@ def test_demo_seeds_reports_each_seed_and_reuses_a_finished_run(tmp_path):
     assert json.loads((tmp_path / "seed-3" / "config.json").read_text())["seed"] == 3
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and json.loads(again.stdout)["rows"][0]["wall_s"] is None
+    # a seed whose folder holds a failed run (no checkpoint) is run again, not refused
+    (tmp_path / "seed-4").mkdir()
+    (tmp_path / "seed-4" / "results.json").write_text(json.dumps({"status": "failed", "error": "killed"}))
+    cmd[cmd.index("--seeds") + 1] = "4"
+    third = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert json.loads(third.stdout)["rows"][0]["wall_s"] > 0
+    assert json.loads((tmp_path / "seed-4" / "results.json").read_text())["status"] == "completed"
