@@ -35,8 +35,9 @@ MIN_PIXELS = 32 * 32 * 4  # the processor's own floor; tiny images are upscaled 
 MAX_PIXELS = 640 * 640  # FSC-147 (384 x ~576) and OmniCount (640x640) keep their size: no detail lost before marking
 DATASETS = ("synthetic", "fsc147", "omnicount")
 # Share of training samples with every object marked, the stop head's positive class. 0.25 is about the share of
-# counting steps that end a count on the demo's 1-3 objects; with it the demo's stop head reached validation
-# accuracy 0.94, precision 0.87, recall 0.93 and stopped 88% of 200 test counts (docs/VLM_WORKFLOW.md 4b).
+# counting steps that end a count on the demo's 1-3 objects; with it the stop head of the demo on tiny-random reached
+# validation accuracy 0.94, precision 0.87, recall 0.93 and stopped 88% of 200 test counts, and on the pretrained
+# base it stopped 98% (docs/VLM_WORKFLOW.md 4b).
 DONE_FRACTION = 0.25
 
 

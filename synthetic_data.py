@@ -21,8 +21,8 @@ from utils import DataError
 @dataclass
 class SyntheticConfig:
     """Knobs of the embedded synthetic data. The defaults are sized for the tiny CPU demo (224 px = 7x7 merged
-    tokens): 1-3 large objects of one type on a plain grey background, which the tiny random model learns within
-    minutes. The random ViT's features change with the background's brightness more than with a small object, so
+    tokens): 1-3 large objects of one type on a plain grey background, which even the tiny random-init model learns
+    within minutes. The random ViT's features change with the background's brightness more than with a small object, so
     `background="varied"`, distractor types and more objects make a task it does not learn in the demo's budget
     (docs/VLM_WORKFLOW.md section 4b); they are there for harder tests and for real models."""
 
