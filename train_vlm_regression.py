@@ -1,7 +1,7 @@
 """
 Train Qwen3-VL (LoRA + <x>/<y> regression heads) to point at the next uncounted object.
 
-The embedded demo (the pretrained tiny Qwen3-VL in tiny_base/, synthetic data, about DEMO_MINUTES minutes on 2 CPU cores):
+The embedded demo (the pretrained tiny Qwen3-VL in tiny_base/, synthetic data, about 9 minutes on 2 CPU cores):
     python train_vlm_regression.py --config configs/demo.yaml --output_dir runs/demo     # settings and reasons there
 
 Real data on one GPU (the original code's commands):
