@@ -129,7 +129,8 @@ LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_p
 
 # --train_vision: which parts of the vision side train fully (as peft modules_to_save: a trainable copy saved in the
 # adapter, restored by PeftModel.from_pretrained and merged by export --merge). "merger": the patch merger and the
-# DeepStack mergers that feed the language model (in the 4B ~1% of the vision side's weights); "all": the whole ViT.
+# DeepStack mergers that feed the language model (in the 4B 109M of the vision side's 415M weights); "all": the whole
+# ViT (`--summary --train_vision ...` counts them).
 TRAIN_VISION = ("none", "merger", "all")
 
 
@@ -574,8 +575,8 @@ def print_summary(s):
     print(f"head parameters      {s['head_params']:>15,}  ({heads})")
     print(f"<x>/<y> token rows   {s['token_row_params']:>15,}")
     if s["train_vision"] != "none":
-        print(f"vision ({s['train_vision']:<6})      {s['vision_trainable_params']:>15,}  (trained fully; activations not in "
-              f"the estimate)")
+        label = f"vision ({s['train_vision']})"
+        print(f"{label:<21}{s['vision_trainable_params']:>15,}  (trained fully; its activations are not in the estimate)")
     print(f"trainable total      {s['trainable_params']:>15,}  ({100 * s['trainable_params'] / s['total_params']:.2f}% of the base model's size)")
     mem = s["memory_gib"]
     print(f"training memory est. ({mem['assumptions']}):")
