@@ -108,3 +108,13 @@ def test_vision_lr_without_vision_training_is_refused(tmp_path):
     proc = run_train(tmp_path / "run", "--vision_lr", "1e-4", check=False)
     assert proc.returncode == 2 and "--vision_lr needs --train_vision" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_summary_counts_the_vision_weights_that_train():
+    """--summary --train_vision counts exactly the weights the built model trains on the vision side."""
+    for mode in ("merger", "all"):
+        model, _ = mvr.build_model("tiny-random", lora_r=8, mlp_layers=2, head_hidden_dim=64, train_vision=mode)
+        built = sum(p.numel() for p in trained_vision(model).values())
+        s = mvr.summarize("tiny-random", 8, 16, 2, 64, train_vision=mode)
+        assert s["vision_trainable_params"] == built > 0 and s["train_vision"] == mode
+    assert mvr.summarize("tiny-random", 8, 16, 2, 64)["vision_trainable_params"] == 0
