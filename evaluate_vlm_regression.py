@@ -84,13 +84,22 @@ def match_points(pred, gt, radius):
     """Number of one-to-one matches between predicted and ground-truth points (pixels) at most `radius` apart.
     Hungarian matching on a cost that makes any extra match worth more than any distance saved, so the count of
     matches is the maximum possible (minimising plain total distance can trade two near matches for two far ones)."""
-    from scipy.optimize import linear_sum_assignment
+    return matches_within(pairwise_distances(pred, gt), radius)
 
+
+def pairwise_distances(pred, gt):
+    """(len(pred), len(gt)) pixel distances between two point sets."""
     pred = np.asarray(pred, np.float64).reshape(-1, 2)
     gt = np.asarray(gt, np.float64).reshape(-1, 2)
-    if not len(pred) or not len(gt):
+    return np.linalg.norm(pred[:, None, :] - gt[None, :, :], axis=2)
+
+
+def matches_within(d, radius):
+    """match_points on a precomputed distance matrix (one matrix serves several radii)."""
+    from scipy.optimize import linear_sum_assignment
+
+    if not d.size:
         return 0
-    d = np.linalg.norm(pred[:, None, :] - gt[None, :, :], axis=2)
     ok = d <= radius
     rows, cols = ok.any(1), ok.any(0)  # points with no partner in range cannot match: drop them (FSC-147 is big)
     d, ok = d[rows][:, cols], ok[rows][:, cols]
@@ -101,15 +110,20 @@ def match_points(pred, gt, radius):
     return int(ok[r, c].sum())
 
 
+def precision_recall_f1(matched, predicted, annotated):
+    """Micro-averaged localisation scores from totals of matched, predicted and annotated points."""
+    precision = matched / predicted if predicted else 0.0
+    recall = matched / annotated if annotated else 0.0
+    return float(precision), float(recall), float(2 * precision * recall / (precision + recall)) if precision + recall else 0.0
+
+
 def object_radius_f1(predictions):
     """{"f1_object_radius": ..., "images_with_object_size": n} over predictions whose record has an object size."""
     if not predictions:
         return {"f1_object_radius": None, "images_with_object_size": 0}
-    tp = sum(p["num_matched_on_object"] for p in predictions)
-    pred, gt = sum(p["pred_count"] for p in predictions), sum(p["gt_count"] for p in predictions)
-    precision, recall = (tp / pred if pred else 0.0), (tp / gt if gt else 0.0)
-    return {"f1_object_radius": float(2 * precision * recall / (precision + recall)) if precision + recall else 0.0,
-            "images_with_object_size": len(predictions)}
+    f1 = precision_recall_f1(sum(p["num_matched_on_object"] for p in predictions),
+                             sum(p["pred_count"] for p in predictions), sum(p["gt_count"] for p in predictions))[2]
+    return {"f1_object_radius": f1, "images_with_object_size": len(predictions)}
 
 
 def count_metrics(predictions, train_mean_count=None):
@@ -117,9 +131,7 @@ def count_metrics(predictions, train_mean_count=None):
     gt = np.array([p["gt_count"] for p in predictions], np.float64)
     pred = np.array([p["pred_count"] for p in predictions], np.float64)
     err = pred - gt
-    tp = sum(p["num_matched"] for p in predictions)
-    precision = tp / pred.sum() if pred.sum() else 0.0
-    recall = tp / gt.sum() if gt.sum() else 0.0
+    precision, recall, f1 = precision_recall_f1(sum(p["num_matched"] for p in predictions), pred.sum(), gt.sum())
     n = len(predictions)
     near = [d for p in predictions for d in p.get("nearest_object_px", [])]
     radii = [p["match_radius_px"] for p in predictions if "match_radius_px" in p]
@@ -128,9 +140,9 @@ def count_metrics(predictions, train_mean_count=None):
         "mae": float(np.abs(err).mean()) if n else None,
         "rmse": float(np.sqrt((err ** 2).mean())) if n else None,
         "mean_count_error": float(err.mean()) if n else None,  # > 0: over-counts
-        "precision": float(precision),
-        "recall": float(recall),
-        "f1": float(2 * precision * recall / (precision + recall)) if precision + recall else 0.0,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
         "mean_steps": float(np.mean([p["steps"] for p in predictions])) if n else None,
         # how far the counted points land from the nearest object, against the radius a match allows (model frame)
         "point_to_nearest_object_px_median": float(np.median(near)) if len(near) else None,
@@ -259,13 +271,13 @@ def _count_result(s, reason, match_radius):
     """The prediction of a finished counting state, its points in the frame of the image on disk."""
     rec, pts = s["record"], np.asarray(s["points"], np.float64).reshape(-1, 2)
     radius = match_radius if match_radius is not None else s["mark_radius"]
-    gt = np.asarray(s["gt"], np.float64).reshape(-1, 2)
-    nearest = np.hypot(*(pts[:, None] - gt[None]).transpose(2, 0, 1)).min(1) if len(pts) and len(gt) else np.zeros(0)
+    d = pairwise_distances(pts, s["gt"])  # one matrix for both matchings and the nearest-object distances
+    nearest = d.min(1) if d.size else np.zeros(0)
     return {"image": rec.image_id, "object_type": rec.object_type, "gt_count": int(len(rec.points)),
             "pred_count": int(len(pts)), "stop_reason": reason, "steps": s["steps"],
-            "num_matched": match_points(pts, s["gt"], radius), "match_radius_px": float(radius),
-            "num_matched_on_object": None if not s["object_size"] else match_points(pts, s["gt"], s["object_size"] / 2),
-            "nearest_object_px": [round(float(d), 2) for d in nearest],
+            "num_matched": matches_within(d, radius), "match_radius_px": float(radius),
+            "num_matched_on_object": None if not s["object_size"] else matches_within(d, s["object_size"] / 2),
+            "nearest_object_px": [round(float(x), 2) for x in nearest],
             "points": _to_original_frame(pts, rec, s["size"])}
 
 

@@ -54,7 +54,7 @@ from model_vlm_regression import init_token_rows, load_processor, make_head, reg
 from prompt import X_TOKEN, Y_TOKEN
 from synthetic_data import COLOURS, SHAPES, render_synthetic
 from tiny_model import TINY_INIT_STD, TINY_POS_EMBED_STD, TINY_VERSION, rescale_random_init, tiny_model_dir
-from utils import denormalize_points, mark_objects, normalize_points
+from utils import denormalize_points, mark_objects, mark_radius, normalize_points
 
 IMAGE_SIZE = 224  # the demo's image size: 7x7 merged visual tokens
 TYPES = tuple(f"{c} {s}" for s in SHAPES for c in COLOURS)  # singular names: "red circle"
@@ -273,7 +273,7 @@ def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-HIT_RADIUS = 8  # px: utils.mark_radius at 224 px, the radius the counting demo's F1 matches within
+HIT_RADIUS = mark_radius(IMAGE_SIZE, IMAGE_SIZE)  # px (8): the radius the counting demo's F1 matches within
 
 
 @torch.no_grad()
@@ -289,14 +289,13 @@ def pixel_distances(model, val, device):
     return np.concatenate(dists)
 
 
-def pixel_error(model, val, device):
-    """Mean pixel distance over a validation set."""
-    return float(pixel_distances(model, val, device).mean())
-
-
-def hit_rate(model, val, device):
-    """Share of validation points predicted within HIT_RADIUS pixels."""
-    return float((pixel_distances(model, val, device) <= HIT_RADIUS).mean())
+def val_scores(model, val, device):
+    """{"val_px_<task>": mean pixel distance, "val_hit_<task>": share within HIT_RADIUS} over the validation sets."""
+    out = {}
+    for t, v in val.items():
+        d = pixel_distances(model, v, device)
+        out.update({f"val_px_{t}": float(d.mean()), f"val_hit_{t}": float((d <= HIT_RADIUS).mean())})
+    return out
 
 
 def baseline_error(val):
@@ -384,7 +383,7 @@ def train(args):
     val = {t: validation_set(processor, args.seed, args.val_images, t) for t in tasks}
     baseline = {t: baseline_error(v) for t, v in val.items()}
     t_val = time.time()
-    curve = [dict(step=0, **{f"val_px_{t}": pixel_error(model, v, device) for t, v in val.items()})]
+    curve = [dict(step=0, **val_scores(model, val, device))]
     val_seconds = time.time() - t_val
     print(f"tiny base: {n_params:,} parameters, device {device_name(device)}; baseline px "
           + ", ".join(f"{t} {b:.1f}" for t, b in baseline.items())
@@ -434,9 +433,7 @@ def train(args):
         if step % args.eval_every == 0 or step == total:
             row = dict(step=step, train_loss=float(torch.stack(losses).mean()), lr=opt.param_groups[0]["lr"],
                        elapsed_s=round(time.time() - t_start, 1))
-            for t, v in val.items():
-                d = pixel_distances(model, v, device)
-                row.update({f"val_px_{t}": float(d.mean()), f"val_hit_{t}": float((d <= HIT_RADIUS).mean())})
+            row.update(val_scores(model, val, device))
             losses = []
             curve.append(row)
             print(f"step {step:6d}/{total if total > 0 else '?'}  loss {row['train_loss']:.4f}  lr {row['lr']:.2e}  "
@@ -448,9 +445,9 @@ def train(args):
             print(f"--max_minutes {args.max_minutes} reached at step {step}: stopping", flush=True)
             break
     train_seconds = time.time() - t_train
-    final_d = {t: pixel_distances(model, v, device) for t, v in val.items()}
-    final = {t: float(d.mean()) for t, d in final_d.items()}
-    final_hit = {t: float((d <= HIT_RADIUS).mean()) for t, d in final_d.items()}
+    last = curve[-1] if curve[-1]["step"] == step else val_scores(model, val, device)  # validated at this step already?
+    final = {t: last[f"val_px_{t}"] for t in tasks}
+    final_hit = {t: last[f"val_hit_{t}"] for t in tasks}
     print("final val px " + ", ".join(f"{t} {e:.1f} (baseline {baseline[t]:.1f}; within {HIT_RADIUS} px "
                                       f"{final_hit[t]:.0%})" for t, e in final.items()), flush=True)
 

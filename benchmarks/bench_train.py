@@ -30,7 +30,7 @@ import model_vlm_regression as mvr  # noqa: E402
 import train_data  # noqa: E402
 import train_vlm_regression as tr  # noqa: E402
 from synthetic_data import SyntheticConfig  # noqa: E402
-from tiny_model import random_weights_dir  # noqa: E402
+from tiny_model import TINY_NAMES, random_weights_dir  # noqa: E402
 
 
 def fwd_bwd(model, batch):
@@ -105,7 +105,7 @@ def main(argv=None):
                                        load_in_4bit=args.load_in_4bit,
                                        gradient_checkpointing=args.gradient_checkpointing)
     model.train()
-    size = args.image_size or (224 if args.model_name in ("tiny", "tiny-random") else 512)
+    size = args.image_size or (224 if args.model_name in TINY_NAMES else 512)
     cfg = SyntheticConfig(image_size=size, num_train=max(64, args.batch_size * (args.steps + args.warmup)))
     records, _ = data.load_records("synthetic", split="train", synthetic=cfg)
     ds = data.CountingDataset(records, seed=0)
