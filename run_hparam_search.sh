@@ -103,7 +103,8 @@ record_attempt() {
   local run_dir=$1 job=${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}
   echo "$(date '+%F %T') job=$(job_ref) array_job=$job restart=${SLURM_RESTART_COUNT:-0} host=$(hostname)" \
     "log=$(job_field "$(job_ref)" StdOut)" >> "$run_dir/slurm_attempts.log"
-  grep -qx "$job" "$SWEEP_DIR/slurm_jobs" 2> /dev/null || echo "$job" >> "$SWEEP_DIR/slurm_jobs"
+  # the array's tasks start together: check-and-append under a lock on the file, or two tasks both append the id
+  { flock 9; grep -qx "$job" "$SWEEP_DIR/slurm_jobs" || echo "$job" >> "$SWEEP_DIR/slurm_jobs"; } 9>> "$SWEEP_DIR/slurm_jobs"
 }
 
 run_task() {
