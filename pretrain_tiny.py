@@ -14,6 +14,9 @@ The tasks (each image 224 px, the demo's size, 1-5 shapes of radius 12-24 px on 
   utils.mark_objects' numbered discs (no counting order is involved);
 - extreme (--extreme_fraction): "Point at the topmost object." (or bottommost, leftmost, rightmost), ahead of the
   next by >= EXTREME_MARGIN px: selection by position.
+- extreme_unmarked (--extreme_unmarked_fraction): "Point at the leftmost object that has no white label." (or
+  topmost, ...): some of the others carry labels, drawn off-centre as a model's own marks would be, and the target is
+  the extreme one among the unlabelled (ahead of the next unlabelled by >= EXTREME_MARGIN px).
 None of them is the demo's task (count one type in an order, say when done). The heads read the hidden states at
 <x> and <y>, as the counting model's do; they are thrown away. --curriculum_steps ramps from one object on plain
 grey to the full mix. From tiny_model's random init, the full mix at once stayed at its baseline for 1,000 steps
@@ -59,9 +62,10 @@ from utils import denormalize_points, mark_objects, mark_radius, normalize_point
 IMAGE_SIZE = 224  # the demo's image size: 7x7 merged visual tokens
 TYPES = tuple(f"{c} {s}" for s in SHAPES for c in COLOURS)  # singular names: "red circle"
 SYSTEM_TEXT = "You are a vision assistant that points at objects in images."
-TASKS = ("named", "unmarked", "extreme")
+TASKS = ("named", "unmarked", "extreme", "extreme_unmarked")
 EXTREMES = {"topmost": (1, -1), "bottommost": (1, 1), "leftmost": (0, -1), "rightmost": (0, 1)}  # (axis, sign)
 EXTREME_MARGIN = 10  # px: the extreme object beats the runner-up along its axis by at least this much
+LABEL_JITTER = 0.3  # extreme_unmarked: a label lands off its object's centre by N(0, this x the object's radius) px
 VAL_KEY = 1_000_003  # validation images come from default_rng([seed, VAL_KEY, i]); training from [seed, step]
 
 # -----------------------------------------------------------------------------
@@ -76,7 +80,7 @@ def pointing_layout(rng, task, background, max_distractors=4):
     by position, which counting in an order needs."""
     s = IMAGE_SIZE
     n = 1 + int(rng.integers(0, max_distractors + 1))
-    if task == "extreme":
+    if task in ("extreme", "extreme_unmarked"):
         direction = list(EXTREMES)[int(rng.integers(len(EXTREMES)))]
         axis, sign = EXTREMES[direction]
     target = TYPES[int(rng.integers(len(TYPES)))]
@@ -101,31 +105,49 @@ def pointing_layout(rng, task, background, max_distractors=4):
                 break
         if not placed:  # the target always fits in an empty image; this guards the invariant
             raise RuntimeError("could not place the target")
-    if task == "extreme":  # the target: the most extreme object; any other within the margin of it is left out
+    labelled = set()  # indices into `placed` of objects that carry a label
+    if task == "extreme_unmarked":  # a random share of the objects carries labels; the target is among the rest
+        labelled = {i for i in range(len(placed)) if rng.random() < rng.uniform(0, 1)}
+        if len(labelled) == len(placed):
+            labelled.discard(int(rng.integers(len(placed))))
+    if task in ("extreme", "extreme_unmarked"):
+        # the target: the most extreme unlabelled object; any other unlabelled within the margin of it is left out
         key = [sign * o[1 + axis] for o in placed]
-        best = int(np.argmax(key))
-        placed = [placed[best]] + [o for i, o in enumerate(placed) if i != best and key[best] - key[i] >= EXTREME_MARGIN]
+        free = [i for i in range(len(placed)) if i not in labelled]
+        best = max(free, key=lambda i: key[i])
+        keep = [i for i in range(len(placed)) if i != best and (i in labelled or key[best] - key[i] >= EXTREME_MARGIN)]
+        labelled = {keep.index(i) + 1 for i in labelled if i in keep}
+        placed = [placed[best]] + [placed[i] for i in keep]
+    elif task == "unmarked":
+        labelled = set(range(1, len(placed)))
     order = rng.permutation(len(placed))  # the target is not always drawn first (it would be under the others)
     objects = [placed[i] for i in order]
     target_index = int(np.argwhere(order == 0)[0, 0])
+    labelled = sorted(int(np.argwhere(order == i)[0, 0]) for i in labelled)
     if task == "named":
         text = f"Point at the {target}."
     elif task == "extreme":
         text = f"Point at the {direction} object."
+    elif task == "extreme_unmarked":
+        text = f"Point at the {direction} object that has no white label."
     else:
         text = "Point at the object that has no white label."
-    return dict(size=s, background=bg, objects=objects), target_index, text
+    return dict(size=s, background=bg, objects=objects), target_index, text, labelled
 
 
 def pointing_sample(key, task, background, max_distractors=4):
     """(PIL image, user text, target (2,) in [-1, 1]) from default_rng(key)."""
     rng = np.random.default_rng(key)
-    layout, ti, text = pointing_layout(rng, task, background, max_distractors)
+    layout, ti, text, labelled = pointing_layout(rng, task, background, max_distractors)
     image = render_synthetic(layout)
     centres = np.array([[o[1], o[2]] for o in layout["objects"]], np.float32)
     if task == "unmarked":
         others = np.delete(centres, ti, axis=0)
         image = mark_objects(image, others[rng.permutation(len(others))], start_index=1)
+    elif labelled:
+        radii = np.array([layout["objects"][i][3] for i in labelled], np.float32)[:, None]
+        at = centres[labelled] + rng.normal(0, 1, (len(labelled), 2)).astype(np.float32) * LABEL_JITTER * radii
+        image = mark_objects(image, np.clip(at, 0, IMAGE_SIZE - 1)[rng.permutation(len(labelled))], start_index=1)
     return image, text, normalize_points(centres[ti], IMAGE_SIZE, IMAGE_SIZE)[0]
 
 
@@ -144,11 +166,16 @@ def encode(processor, images, instructions):
     return {k: v for k, v in batch.items() if torch.is_tensor(v)}
 
 
-def sample_spec(key, unmarked_fraction, plain_fraction=0.5, extreme_fraction=0.0):
+def sample_spec(key, unmarked_fraction, plain_fraction=0.5, extreme_fraction=0.0, extreme_unmarked_fraction=0.0):
     """(task, background) of the sample drawn from `key`: its own stream, so the mix does not shift the images."""
     rng = np.random.default_rng(list(key) + [7])
-    u = rng.random()
-    task = "unmarked" if u < unmarked_fraction else "extreme" if u < unmarked_fraction + extreme_fraction else "named"
+    u, task = rng.random(), "named"
+    for name, share in (("unmarked", unmarked_fraction), ("extreme", extreme_fraction),
+                        ("extreme_unmarked", extreme_unmarked_fraction)):
+        if u < share:
+            task = name
+            break
+        u -= share
     return task, ("plain" if rng.random() < plain_fraction else "varied")
 
 
@@ -156,10 +183,11 @@ class PointingBatches(torch.utils.data.Dataset):
     """Item `step` is the whole training batch of that step (so DataLoader workers cannot change the order)."""
 
     def __init__(self, processor, seed, batch_size, unmarked_fraction, plain_fraction=0.5, max_distractors=4,
-                 curriculum_steps=0, extreme_fraction=0.0):
+                 curriculum_steps=0, extreme_fraction=0.0, extreme_unmarked_fraction=0.0):
         self.processor, self.seed, self.batch_size = processor, seed, batch_size
         self.unmarked_fraction, self.plain_fraction, self.max_distractors = unmarked_fraction, plain_fraction, max_distractors
         self.curriculum_steps, self.extreme_fraction = curriculum_steps, extreme_fraction
+        self.extreme_unmarked_fraction = extreme_unmarked_fraction
 
     def difficulty(self, step):
         """(plain_fraction, max_distractors) at `step`: during the curriculum, from one object on plain grey (learned
@@ -177,7 +205,8 @@ class PointingBatches(torch.utils.data.Dataset):
         for i in range(self.batch_size):
             key = [self.seed, step, i]
             plain_fraction, max_distractors = self.difficulty(step)
-            task, background = sample_spec(key, self.unmarked_fraction, plain_fraction, self.extreme_fraction)
+            task, background = sample_spec(key, self.unmarked_fraction, plain_fraction, self.extreme_fraction,
+                                           self.extreme_unmarked_fraction)
             image, text, target = pointing_sample(key, task, background, max_distractors)
             images.append(image)
             texts.append(text)
@@ -185,11 +214,12 @@ class PointingBatches(torch.utils.data.Dataset):
         return encode(self.processor, images, texts), torch.from_numpy(np.stack(targets))
 
 
-def validation_set(processor, seed, n, task, batch_size=50):
-    """Fixed held-out batches of one task (half plain, half varied backgrounds)."""
+def validation_set(processor, seed, n, task, batch_size=50, plain_only=False, max_distractors=4):
+    """Fixed held-out batches of one task (half plain, half varied backgrounds; plain_only: all plain)."""
     out = []
     for start in range(0, n, batch_size):
-        samples = [pointing_sample([seed, VAL_KEY, TASKS.index(task), i], task, ("plain", "varied")[i % 2])
+        samples = [pointing_sample([seed, VAL_KEY, TASKS.index(task), i], task,
+                                   "plain" if plain_only else ("plain", "varied")[i % 2], max_distractors)
                    for i in range(start, min(n, start + batch_size))]
         out.append((encode(processor, [s[0] for s in samples], [s[1] for s in samples]),
                     torch.from_numpy(np.stack([s[2] for s in samples]))))
@@ -378,9 +408,10 @@ def train(args):
     n_params = sum(p.numel() for p in model.base.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
 
-    tasks = ["named"] + (["unmarked"] if args.unmarked_fraction > 0 else []) + \
-        (["extreme"] if args.extreme_fraction > 0 else [])
-    val = {t: validation_set(processor, args.seed, args.val_images, t) for t in tasks}
+    tasks = ["named"] + [t for t in TASKS[1:] if getattr(args, f"{t}_fraction") > 0]
+    # validation draws from the training images' range: all plain if training is, at most --max_distractors others
+    val = {t: validation_set(processor, args.seed, args.val_images, t, plain_only=args.plain_fraction >= 1,
+                             max_distractors=min(4, args.max_distractors)) for t in tasks}
     baseline = {t: baseline_error(v) for t, v in val.items()}
     t_val = time.time()
     curve = [dict(step=0, **val_scores(model, val, device))]
@@ -396,7 +427,8 @@ def train(args):
     # after the DataLoader's prefetched batches are used up, so the timing is the steady, data-bound one
     calib = (args.warmup // 2, args.warmup)
     data = PointingBatches(processor, args.seed, args.batch_size, args.unmarked_fraction, args.plain_fraction,
-                           args.max_distractors, args.curriculum_steps, args.extreme_fraction)
+                           args.max_distractors, args.curriculum_steps, args.extreme_fraction,
+                           args.extreme_unmarked_fraction)
     workers = args.workers if args.workers >= 0 else (min(12, (os.cpu_count() or 2) - 2) if device.type == "cuda" else 0)
     loader = torch.utils.data.DataLoader(
         data, batch_size=None, sampler=range(10 ** 9), num_workers=workers, worker_init_fn=_worker_init,
@@ -460,10 +492,14 @@ def train(args):
         steps_done=step, steps_planned=total, stopped_early=stopped_early,
         init=init_record(args),
         task=dict(prompt=user_text("Point at the <colour> <shape>."), system=SYSTEM_TEXT, image_size=IMAGE_SIZE,
-                  objects=f"1 target + 0-{args.max_distractors} distractors, radius 12-24 px (validation: 0-4)",
-                  backgrounds=f"plain {args.plain_fraction:.0%}, varied otherwise (validation: half each)",
+                  objects=f"1 target + 0-{args.max_distractors} distractors, radius 12-24 px "
+                          f"(validation: 0-{min(4, args.max_distractors)})",
+                  backgrounds=f"plain {args.plain_fraction:.0%}, varied otherwise (validation: "
+                              + ("all plain)" if args.plain_fraction >= 1 else "half each)"),
                   unmarked_fraction=args.unmarked_fraction, extreme_fraction=args.extreme_fraction,
-                  extreme_prompt="Point at the topmost|bottommost|leftmost|rightmost object."),
+                  extreme_unmarked_fraction=args.extreme_unmarked_fraction,
+                  extreme_prompt="Point at the topmost|bottommost|leftmost|rightmost object.",
+                  extreme_unmarked_prompt="Point at the leftmost|... object that has no white label."),
         optimizer=dict(name="AdamW", betas=[0.9, 0.95], weight_decay=args.weight_decay,
                        schedule=f"linear warm-up {args.warmup} steps, cosine to {args.min_lr_ratio} x lr"),
         device=device_name(device), device_type=device.type, dataloader_workers=workers,
@@ -512,6 +548,8 @@ def parse_args(argv=None):
     p.add_argument("--unmarked_fraction", type=float, default=0.25, help="share of 'object without a white label' samples")
     p.add_argument("--extreme_fraction", type=float, default=0.35, help="share of 'the topmost/bottommost/leftmost/"
                    "rightmost object' samples")
+    p.add_argument("--extreme_unmarked_fraction", type=float, default=0.0, help="share of 'the leftmost/... object "
+                   "that has no white label' samples")
     # ---- Validation and data loading
     p.add_argument("--val_images", type=int, default=100, help="held-out images per task")
     p.add_argument("--eval_every", type=int, default=500, help="steps between validations")

@@ -16,20 +16,41 @@ def test_named_sample_has_exactly_one_object_of_the_named_type():
     """'Point at the red circle.' is answerable: one object of that type, the target at its centre."""
     for i in range(50):
         rng = np.random.default_rng([0, i])
-        layout, ti, text = pt.pointing_layout(rng, "named", ("plain", "varied")[i % 2])
+        layout, ti, text, labelled = pt.pointing_layout(rng, "named", ("plain", "varied")[i % 2])
         named = text[len("Point at the "):-1]
         types = [o[0] for o in layout["objects"]]
         assert types.count(named + "s") == 1 and types[ti] == named + "s"
-        assert 1 <= len(types) <= 5
+        assert 1 <= len(types) <= 5 and labelled == []
 
 
 def test_extreme_sample_targets_the_object_furthest_that_way_by_a_margin():
     """'Point at the leftmost object.' is answerable: the target leads every other object by >= the margin."""
     for i in range(50):
-        layout, ti, text = pt.pointing_layout(np.random.default_rng([1, i]), "extreme", "plain")
+        layout, ti, text, labelled = pt.pointing_layout(np.random.default_rng([1, i]), "extreme", "plain")
         axis, sign = pt.EXTREMES[text.split()[3]]
         key = [sign * o[1 + axis] for o in layout["objects"]]
-        assert all(key[ti] - k >= pt.EXTREME_MARGIN for j, k in enumerate(key) if j != ti)
+        assert all(key[ti] - k >= pt.EXTREME_MARGIN for j, k in enumerate(key) if j != ti) and labelled == []
+
+
+def test_extreme_unmarked_sample_skips_labelled_objects():
+    """'Point at the leftmost object that has no white label.': the target is unlabelled and leads every other
+    unlabelled object by >= the margin; labelled ones may lie further that way (the model must skip them), and over
+    many samples some do. The labels are drawn on the image (white pixels appear)."""
+    skipped = 0
+    for i in range(200):
+        layout, ti, text, labelled = pt.pointing_layout(np.random.default_rng([2, i]), "extreme_unmarked", "plain", 2)
+        axis, sign = pt.EXTREMES[text.split()[3]]
+        assert text.endswith("object that has no white label.") and ti not in labelled
+        key = [sign * o[1 + axis] for o in layout["objects"]]
+        assert all(key[ti] - key[j] >= pt.EXTREME_MARGIN for j in range(len(key)) if j != ti and j not in labelled)
+        skipped += any(key[j] > key[ti] for j in labelled)
+        assert 1 <= len(key) <= 3
+    assert skipped >= 20
+    image, _, _ = pt.pointing_sample([2, 0, 0], "extreme_unmarked", "plain", 2)
+    plain, _, _ = pt.pointing_sample([2, 0, 0], "extreme", "plain", 2)
+    counts = [(np.asarray(im) == 255).all(-1).sum() for im in (image, plain)]
+    assert counts[1] == 0 and (counts[0] > 0) == bool(pt.pointing_layout(np.random.default_rng([2, 0, 0]),
+                                                                           "extreme_unmarked", "plain", 2)[3])
 
 
 def test_sample_is_a_pure_function_of_its_key():
@@ -40,7 +61,8 @@ def test_sample_is_a_pure_function_of_its_key():
 
 def _short_run(out, *extra):
     return pt.train(pt.parse_args(["--out", str(out), "--steps", "6", "--batch_size", "2", "--warmup", "3",
-                                   "--eval_every", "3", "--val_images", "4", "--unmarked_fraction", "0.5",
+                                   "--eval_every", "3", "--val_images", "4", "--unmarked_fraction", "0.4",
+                                   "--extreme_unmarked_fraction", "0.3",
                                    "--curriculum_steps", "4", "--threads", "1", *extra]))
 
 
@@ -74,6 +96,7 @@ def test_pretraining_is_bit_identical_for_a_seed_and_records_its_hash(tmp_path):
     assert r1["weights_sha256"] == r2["weights_sha256"]
     assert r1["final_val_px"] == r2["final_val_px"]
     assert r1["steps_done"] == 6 and r1["settings"]["seed"] == 0
+    assert set(r1["final_val_px"]) == {"named", "unmarked", "extreme", "extreme_unmarked"}  # a validation set per task
 
     from safetensors.torch import load_file
 
