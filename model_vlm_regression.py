@@ -170,30 +170,35 @@ def make_head(in_dim, hidden_dim=HEAD_HIDDEN_DIM, num_layers=MLP_LAYERS, tanh=Tr
     return nn.Sequential(*layers, out, nn.Tanh()) if tanh else nn.Sequential(*layers, out)
 
 
-def regression_loss(pred, target, mask=None):
-    """MSE(x) + MSE(y): (total, loss_x, loss_y). With a mask, rows where it is false count 0 and the sum is still
+COORD_LOSSES = ("mse", "l1")
+
+
+def regression_loss(pred, target, mask=None, kind="mse"):
+    """MSE(x) + MSE(y) (kind "l1": mean absolute errors): (total, loss_x, loss_y). Where the model cannot yet tell
+    which of several objects comes next, MSE's best answer is their mean, a point between them; L1's is the median
+    per axis, which on two objects is the likelier one's coordinate: it commits to an object instead of blending.
+    With a mask, rows where it is false count 0 and the sum is still
     divided by the number of rows: a per-sample mean, so a global batch has the same loss and gradient however it
     is split over processes (dividing by each rank's own count of kept rows would not be), and a batch with no kept
     row has loss 0 that still carries the graph (every rank's backward sees the same parameters)."""
+    if kind not in COORD_LOSSES:
+        raise ValueError(f"unknown coordinate loss {kind!r}; choose from {COORD_LOSSES}")
+    err = (pred[:, :2] - target).abs() if kind == "l1" else (pred[:, :2] - target) ** 2
     if mask is not None:
-        w = mask.float()
-        loss_x = (((pred[:, 0] - target[:, 0]) ** 2) * w).mean()
-        loss_y = (((pred[:, 1] - target[:, 1]) ** 2) * w).mean()
-        return loss_x + loss_y, loss_x, loss_y
-    loss_x = ((pred[:, 0] - target[:, 0]) ** 2).mean()
-    loss_y = ((pred[:, 1] - target[:, 1]) ** 2).mean()
+        err = err * mask.float()[:, None]
+    loss_x, loss_y = err[:, 0].mean(), err[:, 1].mean()
     return loss_x + loss_y, loss_x, loss_y
 
 
-def counting_loss(pred, target, done):
+def counting_loss(pred, target, done, kind="mse"):
     """(total, loss_x, loss_y, loss_done) of a batch. pred (B, 2): the coordinate stop rule, done samples are
-    trained towards (-1, -1) like any other target and loss_done is 0. pred (B, 3), a stop head: the coordinate
+    trained towards (-1, -1) like any other target and loss_done is 0. kind: the coordinate loss (regression_loss). pred (B, 3), a stop head: the coordinate
     loss is masked on the done samples (the x/y heads are never pulled to a corner) and the stop logit adds its
     binary cross-entropy."""
     if pred.shape[1] == 2:
-        loss, loss_x, loss_y = regression_loss(pred, target)
+        loss, loss_x, loss_y = regression_loss(pred, target, kind=kind)
         return loss, loss_x, loss_y, torch.zeros((), device=pred.device)
-    loss, loss_x, loss_y = regression_loss(pred, target, mask=done < 0.5)
+    loss, loss_x, loss_y = regression_loss(pred, target, mask=done < 0.5, kind=kind)
     loss_done = nn.functional.binary_cross_entropy_with_logits(pred[:, 2], done)
     return loss + loss_done, loss_x, loss_y, loss_done
 

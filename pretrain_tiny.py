@@ -441,7 +441,7 @@ def train(args):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args, total if total > 0 else 10 ** 9)
         pred = model(**to_device(batch, device))
-        loss = regression_loss(pred, target.to(device))[0]
+        loss = regression_loss(pred, target.to(device), kind=args.coord_loss)[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if args.max_grad_norm > 0:
@@ -533,6 +533,8 @@ def parse_args(argv=None):
     p.add_argument("--min_lr_ratio", type=float, default=0.1, help="the cosine ends at this share of --lr")
     p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    p.add_argument("--coord_loss", default="mse", choices=("mse", "l1"), help="loss on x and y (l1: commits to one "
+                   "object where MSE's mean lands between two; see model_vlm_regression.regression_loss)")
     # ---- Model init
     p.add_argument("--init_dir", default=None, help="model folder to start from (default: tiny_model's random init); "
                    "with --init_std 0, a pretrained base to continue")

@@ -42,7 +42,8 @@ CHECKPOINT_FILES = ("state.json", "training_state.pt", "heads.safetensors", "reg
 RESUME_KEYS = {"base_model": "model_name", "lora_r": "lora_r", "lora_alpha": "lora_alpha", "mlp_layers": "mlp_layers",
                "head_hidden_dim": "head_hidden_dim", "stop_rule": "stop_rule", "mark_style": "mark_style",
                "ordering": "ordering", "min_pixels": "min_pixels", "max_pixels": "max_pixels",
-               "load_in_4bit": "load_in_4bit", "train_vision": "train_vision"}
+               "load_in_4bit": "load_in_4bit", "train_vision": "train_vision",
+               "coord_loss": "coord_loss"}
 
 
 class RunError(Exception):

@@ -72,23 +72,26 @@ def check_disjoint(train_records, val_records, train_split, val_split):
                              f"({len(leaked)} such images; a leak between splits)")
 
 
-def baseline_val_loss(d, seed, stop_head=False):
-    """The loss of a model that knows only the training means (of 512 seeded samples), on the validation samples:
-    the mean target for x and y and, with a stop head, the share of done samples as its constant probability.
-    With a stop head the coordinate part leaves the done samples out, as the training loss does."""
+def baseline_val_loss(d, seed, stop_head=False, coord_loss="mse"):
+    """The loss of a model that knows only the training targets (of 512 seeded samples), on the validation samples:
+    the best constant for the coordinate loss (the mean target for MSE, the per-axis median for L1) and, with a stop
+    head, the share of done samples as its constant probability. With a stop head the coordinate part leaves the
+    done samples out, as the training loss does."""
+    centre = np.median if coord_loss == "l1" else np.mean
     ids = np.random.default_rng([seed, 11]).permutation(len(d.train_ds))[:512]
     train = [d.train_ds[int(i)] for i in ids]
     val = [d.val_ds[int(i)] for i in d.val_order]
     val_targets = torch.tensor(np.stack([s.target for s in val]))
     if not stop_head:
-        mean_target = torch.tensor(np.mean([s.target for s in train], 0))
-        return mvr.regression_loss(mean_target.expand_as(val_targets), val_targets)[0].item()
-    mean_target = torch.tensor(np.mean([s.target for s in train if not s.done] or [np.zeros(2, np.float32)], 0))
+        mean_target = torch.tensor(centre([s.target for s in train], 0), dtype=torch.float32)
+        return mvr.regression_loss(mean_target.expand_as(val_targets), val_targets, kind=coord_loss)[0].item()
+    mean_target = torch.tensor(centre([s.target for s in train if not s.done] or [np.zeros(2, np.float32)], 0),
+                               dtype=torch.float32)
     p_done = float(np.clip(np.mean([s.done for s in train]), 1e-4, 1 - 1e-4))
     val_done = torch.tensor([float(s.done) for s in val])
     logit = torch.full((len(val), 1), float(np.log(p_done / (1 - p_done))))
     pred = torch.cat((mean_target.expand_as(val_targets), logit), 1)
-    return mvr.counting_loss(pred, val_targets, val_done)[0].item()
+    return mvr.counting_loss(pred, val_targets, val_done, coord_loss)[0].item()
 
 
 # -----------------------------------------------------------------------------
@@ -148,7 +151,7 @@ def image_sizes(batch):
 
 
 @torch.no_grad()
-def validate(model, loader, accelerator):
+def validate(model, loader, accelerator, coord_loss="mse"):
     """Loss (total, x, y, and the stop head's), mean pixel error over the samples with an object left (all samples
     under the coordinate stop rule), and the stop head's accuracy, precision and recall at probability 0.5 (done is
     the positive class), over the whole validation set (gathered across ranks)."""
@@ -162,7 +165,7 @@ def validate(model, loader, accelerator):
         dones.append(batch["done"])
     model.train()
     pred, target, size, done = (accelerator.gather(torch.cat(t)) for t in (preds, targets, sizes, dones))
-    loss, loss_x, loss_y, loss_done = mvr.counting_loss(pred, target, done)
+    loss, loss_x, loss_y, loss_done = mvr.counting_loss(pred, target, done, coord_loss)
     xy = pred[:, :2]
     keep = done < 0.5 if pred.shape[1] == 3 else torch.ones_like(done, dtype=torch.bool)
     pixel_error = ((xy - target) / 2 * size).norm(dim=1)[keep].mean() if keep.any() else torch.tensor(float("nan"))

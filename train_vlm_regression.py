@@ -88,6 +88,8 @@ def parse_args(argv=None):
     g.add_argument("--mlp_lr", type=float, default=None, help="heads' lr (overrides the multiplier)")
     g.add_argument("--vision_lr", type=float, default=None, help="lr of the vision modules --train_vision trains "
                    "(default: --lr)")
+    g.add_argument("--coord_loss", default="mse", choices=mvr.COORD_LOSSES, help="loss on x and y: mse, or l1 "
+                   "(the median: commits to one object where MSE's mean lands between two)")
     g.add_argument("--warmup_steps", type=int, default=100, help="linear warmup, then cosine decay to 0")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the global gradient norm; 0 = off")
     g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW's, on every trainable parameter")
@@ -361,7 +363,7 @@ def train_step(run, batch):
     accelerator, grad_norm = run.accelerator, None
     with accelerator.accumulate(run.model):
         pred = run.model(**batch)
-        losses = mvr.counting_loss(pred.float(), batch["targets"], batch["done"])
+        losses = mvr.counting_loss(pred.float(), batch["targets"], batch["done"], run.args.coord_loss)
         accelerator.backward(losses[0])
         if accelerator.sync_gradients:
             if not run.flow_checked:
@@ -465,7 +467,7 @@ def stop_summary(metrics):
 def end_epoch(run, epoch, totals):
     """Validation, the epoch's row and console line, W&B images, and a checkpoint (also `best` if it improved)."""
     args, state, accelerator = run.args, run.state, run.accelerator
-    metrics, _ = train_data.validate(run.model, run.val_loader, accelerator)
+    metrics, _ = train_data.validate(run.model, run.val_loader, accelerator, args.coord_loss)
     state["epoch"], state["batch_in_epoch"], state["epoch_sums"] = epoch + 1, 0, None
     improved = state["best_val_loss"] is None or metrics["val/loss"] < state["best_val_loss"]
     if improved:
@@ -595,7 +597,8 @@ def main(args):
         device=accelerator.device, dtype=mvr.DTYPES[args.dtype], load_in_4bit=args.load_in_4bit,
         gradient_checkpointing=args.gradient_checkpointing, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
         stop_rule=args.stop_rule, train_vision=args.train_vision)
-    model.config.update(ordering=args.ordering, mark_style=args.mark_style, done_fraction=args.done_fraction)
+    model.config.update(ordering=args.ordering, mark_style=args.mark_style, done_fraction=args.done_fraction,
+                        coord_loss=args.coord_loss)
     collate = data.make_collate_fn(processor, args.ordering)
     mlp_lr = args.mlp_lr if args.mlp_lr is not None else args.lr * args.mlp_lr_multiplier
     optimizer = build_optimizer(model, args.lr, mlp_lr, args.weight_decay, args.vision_lr)
@@ -623,7 +626,8 @@ def main(args):
     # ---- run files, and the baseline every validation loss is compared with
     run.wandb = start_run_files(run, resume_dir, mlp_lr)
     if state["baseline_val_loss"] is None:
-        state["baseline_val_loss"] = train_data.baseline_val_loss(d, args.seed, args.stop_rule == "head")
+        state["baseline_val_loss"] = train_data.baseline_val_loss(d, args.seed, args.stop_rule == "head",
+                                                                  args.coord_loss)
     log(f"run {args.run_name}: {len(d.train_ds)} train records, {len(d.val_order)} val samples, {trainable:,} "
         f"trainable params, world {world}, {d.train_batches} batches/epoch, baseline val loss "
         f"{state['baseline_val_loss']:.4f}")

@@ -192,3 +192,25 @@ def test_checkpoint_saved_before_the_head_rename_loads(tiny_model, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch), model(**batch), rtol=0, atol=0)
     assert loaded.config["head_hidden_dim"] == 64 and "head_dim" not in loaded.config
+
+
+def test_coordinate_losses_and_their_mask():
+    """MSE is the mean squared error per axis, L1 the mean absolute error; masked rows count 0 but stay in the
+    divisor. Where either of two objects may be the target, MSE's best constant lies between them and L1's is the
+    likelier object: L1 does not pull a prediction off an object towards the middle."""
+    pred = torch.tensor([[0.5, -0.5], [0.0, 0.2]])
+    target = torch.tensor([[0.0, 0.0], [0.4, 0.2]])
+    total, lx, ly = mvr.regression_loss(pred, target)
+    assert torch.allclose(torch.stack([lx, ly]), torch.tensor([(0.25 + 0.16) / 2, 0.25 / 2]))
+    total, lx, ly = mvr.regression_loss(pred, target, kind="l1")
+    assert torch.allclose(torch.stack([lx, ly]), torch.tensor([0.9 / 2, 0.5 / 2])) and torch.isclose(total, lx + ly)
+    total, lx, ly = mvr.regression_loss(pred, target, mask=torch.tensor([False, True]), kind="l1")
+    assert torch.allclose(torch.stack([lx, ly]), torch.tensor([0.4 / 2, 0.0]))
+    # the next object is A (x -0.5) in two samples of three, B (x 0.5) in one: MSE's best constant is their mean,
+    # a point between them; L1's is A itself
+    targets = torch.tensor([[-0.5, 0.0], [-0.5, 0.0], [0.5, 0.0]])
+    loss = lambda x, kind: mvr.regression_loss(torch.tensor([[x, 0.0]] * 3), targets, kind=kind)[0]  # noqa: E731
+    mean = -1 / 6
+    assert loss(mean, "mse") < loss(-0.5, "mse") and loss(-0.5, "l1") < loss(mean, "l1")
+    with pytest.raises(ValueError, match="unknown coordinate loss"):
+        mvr.regression_loss(pred, target, kind="huber")

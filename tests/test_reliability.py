@@ -74,6 +74,7 @@ def copy_run(finished, tmp_path):
     (("--lr", "-1"), 2, ["--lr must be a positive number"]),
     (("--resume", "--lora_r", "4", "--mlp_layers", "2"), 2, ["other model settings", "lora_r 8 vs 4", "mlp_layers"]),
     (("--resume", "--ordering", "left_to_right"), 2, ["ordering 'reading_order' vs 'left_to_right'"]),
+    (("--resume", "--coord_loss", "l1"), 2, ["coord_loss 'mse' vs 'l1'"]),
     (("--resume", "--overwrite"), 2, ["give one of them"]),
     (("--resume", "/nonexistent/ckpt"), 2, ["no such checkpoint folder"]),
     (("--resume", "--dataset", "fsc147", "--data_root", "/nonexistent"), 1, ["/nonexistent: data root not found"]),
