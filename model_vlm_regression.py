@@ -177,10 +177,10 @@ def regression_loss(pred, target, mask=None, kind="mse"):
     """MSE(x) + MSE(y) (kind "l1": mean absolute errors): (total, loss_x, loss_y). Where the model cannot yet tell
     which of several objects comes next, MSE's best answer is their mean, a point between them; L1's is the median
     per axis, which on two objects is the likelier one's coordinate: it commits to an object instead of blending.
-    With a mask, rows where it is false count 0 and the sum is still
-    divided by the number of rows: a per-sample mean, so a global batch has the same loss and gradient however it
-    is split over processes (dividing by each rank's own count of kept rows would not be), and a batch with no kept
-    row has loss 0 that still carries the graph (every rank's backward sees the same parameters)."""
+    With a mask, rows where it is false count 0 and the sum is still divided by the number of rows: a per-sample
+    mean, so a global batch has the same loss and gradient however it is split over processes (dividing by each
+    rank's own count of kept rows would not be), and a batch with no kept row has loss 0 that still carries the
+    graph (every rank's backward sees the same parameters)."""
     if kind not in COORD_LOSSES:
         raise ValueError(f"unknown coordinate loss {kind!r}; choose from {COORD_LOSSES}")
     err = (pred[:, :2] - target).abs() if kind == "l1" else (pred[:, :2] - target) ** 2
@@ -192,9 +192,9 @@ def regression_loss(pred, target, mask=None, kind="mse"):
 
 def counting_loss(pred, target, done, kind="mse"):
     """(total, loss_x, loss_y, loss_done) of a batch. pred (B, 2): the coordinate stop rule, done samples are
-    trained towards (-1, -1) like any other target and loss_done is 0. kind: the coordinate loss (regression_loss). pred (B, 3), a stop head: the coordinate
+    trained towards (-1, -1) like any other target and loss_done is 0. pred (B, 3), a stop head: the coordinate
     loss is masked on the done samples (the x/y heads are never pulled to a corner) and the stop logit adds its
-    binary cross-entropy."""
+    binary cross-entropy. kind: the coordinate loss (regression_loss)."""
     if pred.shape[1] == 2:
         loss, loss_x, loss_y = regression_loss(pred, target, kind=kind)
         return loss, loss_x, loss_y, torch.zeros((), device=pred.device)

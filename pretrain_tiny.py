@@ -53,7 +53,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from model_vlm_regression import init_token_rows, load_processor, make_head, regression_loss
+from model_vlm_regression import COORD_LOSSES, init_token_rows, load_processor, make_head, regression_loss
 from prompt import X_TOKEN, Y_TOKEN
 from synthetic_data import COLOURS, SHAPES, render_synthetic
 from tiny_model import TINY_INIT_STD, TINY_POS_EMBED_STD, TINY_VERSION, rescale_random_init, tiny_model_dir
@@ -141,13 +141,12 @@ def pointing_sample(key, task, background, max_distractors=4):
     layout, ti, text, labelled = pointing_layout(rng, task, background, max_distractors)
     image = render_synthetic(layout)
     centres = np.array([[o[1], o[2]] for o in layout["objects"]], np.float32)
-    if task == "unmarked":
-        others = np.delete(centres, ti, axis=0)
-        image = mark_objects(image, others[rng.permutation(len(others))], start_index=1)
-    elif labelled:
-        radii = np.array([layout["objects"][i][3] for i in labelled], np.float32)[:, None]
-        at = centres[labelled] + rng.normal(0, 1, (len(labelled), 2)).astype(np.float32) * LABEL_JITTER * radii
-        image = mark_objects(image, np.clip(at, 0, IMAGE_SIZE - 1)[rng.permutation(len(labelled))], start_index=1)
+    if labelled:  # 'unmarked' labels sit on the centres; 'extreme_unmarked' ones land off-centre
+        at = centres[labelled]
+        if task == "extreme_unmarked":
+            radii = np.array([layout["objects"][i][3] for i in labelled], np.float32)[:, None]
+            at = np.clip(at + rng.normal(0, 1, at.shape).astype(np.float32) * LABEL_JITTER * radii, 0, IMAGE_SIZE - 1)
+        image = mark_objects(image, at[rng.permutation(len(labelled))], start_index=1)
     return image, text, normalize_points(centres[ti], IMAGE_SIZE, IMAGE_SIZE)[0]
 
 
@@ -533,7 +532,7 @@ def parse_args(argv=None):
     p.add_argument("--min_lr_ratio", type=float, default=0.1, help="the cosine ends at this share of --lr")
     p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0: off)")
-    p.add_argument("--coord_loss", default="mse", choices=("mse", "l1"), help="loss on x and y (l1: commits to one "
+    p.add_argument("--coord_loss", default="mse", choices=COORD_LOSSES, help="loss on x and y (l1: commits to one "
                    "object where MSE's mean lands between two; see model_vlm_regression.regression_loss)")
     # ---- Model init
     p.add_argument("--init_dir", default=None, help="model folder to start from (default: tiny_model's random init); "

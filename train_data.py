@@ -83,14 +83,14 @@ def baseline_val_loss(d, seed, stop_head=False, coord_loss="mse"):
     val = [d.val_ds[int(i)] for i in d.val_order]
     val_targets = torch.tensor(np.stack([s.target for s in val]))
     if not stop_head:
-        mean_target = torch.tensor(centre([s.target for s in train], 0), dtype=torch.float32)
-        return mvr.regression_loss(mean_target.expand_as(val_targets), val_targets, kind=coord_loss)[0].item()
-    mean_target = torch.tensor(centre([s.target for s in train if not s.done] or [np.zeros(2, np.float32)], 0),
+        constant = torch.tensor(centre([s.target for s in train], 0), dtype=torch.float32)
+        return mvr.regression_loss(constant.expand_as(val_targets), val_targets, kind=coord_loss)[0].item()
+    constant = torch.tensor(centre([s.target for s in train if not s.done] or [np.zeros(2, np.float32)], 0),
                                dtype=torch.float32)
     p_done = float(np.clip(np.mean([s.done for s in train]), 1e-4, 1 - 1e-4))
     val_done = torch.tensor([float(s.done) for s in val])
     logit = torch.full((len(val), 1), float(np.log(p_done / (1 - p_done))))
-    pred = torch.cat((mean_target.expand_as(val_targets), logit), 1)
+    pred = torch.cat((constant.expand_as(val_targets), logit), 1)
     return mvr.counting_loss(pred, val_targets, val_done, coord_loss)[0].item()
 
 
