@@ -4,8 +4,14 @@ task and save it as a base that the demo then LoRA-tunes like a real checkpoint 
 
     python pretrain_tiny.py --out /tmp/stage1 --steps 2350 --stop_after 2174 --unmarked_fraction 0 \
         --extreme_fraction 0 --plain_fraction 0.5 --curriculum_steps 1500 --warmup 200 --eval_every 200 --threads 1
-    python pretrain_tiny.py --out tiny_base --init_dir /tmp/stage1 --init_std 0 --steps 4000 --lr 5e-4 \
-        --warmup 200 --curriculum_steps 0 --threads 1          # the shipped base: tiny_base/recipe.json has both
+    python pretrain_tiny.py --out /tmp/stage2 --init_dir /tmp/stage1 --init_std 0 --steps 4000 --lr 5e-4 \
+        --warmup 200 --curriculum_steps 0 --threads 1
+    M="--init_std 0 --curriculum_steps 0 --coord_loss l1 --plain_fraction 1 --max_distractors 2 \
+        --unmarked_fraction 0.1 --extreme_fraction 0.3 --extreme_unmarked_fraction 0.5"
+    python pretrain_tiny.py --out /tmp/stage3 --init_dir /tmp/stage2 $M --steps 3000 --lr 5e-4 --warmup 200 \
+        --threads 2
+    python pretrain_tiny.py --out tiny_base --init_dir /tmp/stage3 $M --steps 4000 --lr 3e-4 --warmup 100 \
+        --threads 1            # the shipped base: tiny_base/recipe.json has all four (its `rebuild`, exactly)
     python pretrain_tiny.py --out /tmp/check --steps 20 --batch_size 2 --eval_every 10 --val_images 8   # smoke
 
 The tasks (each image 224 px, the demo's size, 1-5 shapes of radius 12-24 px on a plain or varied background):
@@ -20,7 +26,8 @@ The tasks (each image 224 px, the demo's size, 1-5 shapes of radius 12-24 px on 
 None of them is the demo's task (count one type in an order, say when done). The heads read the hidden states at
 <x> and <y>, as the counting model's do; they are thrown away. --curriculum_steps ramps from one object on plain
 grey to the full mix. From tiny_model's random init, the full mix at once stayed at its baseline for 1,000 steps
-(a plateau) while "named" alone left it within 500: the shipped base is two stages, named first, then the mix.
+(a plateau) while "named" alone left it within 500: the shipped base is named first, then the mix, then two
+stages of the mix with L1 on the demo's range (plain grey, 1-3 objects), weighted to choosing by position.
 
 Deterministic given --seed on a given device type and --threads: batch `step` is drawn from
 np.random.default_rng([seed, step]), the model starts from tiny_model's cached random init redrawn at --init_std

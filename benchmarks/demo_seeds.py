@@ -3,8 +3,8 @@ The README's demo on several seeds: runs `train_vlm_regression.py --config confi
 seed (skipping a seed whose run folder holds a completed run, resuming one that holds an unfinished run) and prints one row per seed: wall times, the
 held-out count against the demo's bars, and how far the counted points land against the match radius.
 
-    python benchmarks/demo_seeds.py --out_root runs/demo-seeds                  # seeds 42 (the demo's), 0, 1; ~8 min each
-    python benchmarks/demo_seeds.py --out_root runs/demo-base --model_name tiny --train_vision all --vision_lr 2e-4
+    python benchmarks/demo_seeds.py --out_root runs/demo-seeds                  # seeds 42 (the demo's), 0, 1; ~10 min each
+    python benchmarks/demo_seeds.py --out_root runs/demo-reading --ordering reading_order   # a variant
     (--json: one JSON object on stdout; any other flag goes to train_vlm_regression.py; training's own output: stderr)
 
 The bars (docs/VLM_WORKFLOW.md section 4b): count MAE <= 0.5 x the mean-count baseline's, localisation F1 >= 0.8 at
