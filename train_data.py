@@ -86,7 +86,7 @@ def baseline_val_loss(d, seed, stop_head=False, coord_loss="mse"):
         constant = torch.tensor(centre([s.target for s in train], 0), dtype=torch.float32)
         return mvr.regression_loss(constant.expand_as(val_targets), val_targets, kind=coord_loss)[0].item()
     constant = torch.tensor(centre([s.target for s in train if not s.done] or [np.zeros(2, np.float32)], 0),
-                               dtype=torch.float32)
+                            dtype=torch.float32)
     p_done = float(np.clip(np.mean([s.done for s in train]), 1e-4, 1 - 1e-4))
     val_done = torch.tensor([float(s.done) for s in val])
     logit = torch.full((len(val), 1), float(np.log(p_done / (1 - p_done))))
