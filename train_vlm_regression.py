@@ -184,7 +184,8 @@ def build_optimizer(model, lr, mlp_lr, weight_decay, vision_lr=None):
     if groups.get("vision"):
         param_groups.append({"params": groups["vision"], "lr": lr if vision_lr is None else vision_lr,
                              "weight_decay": weight_decay, "name": "vision"})
-    return torch.optim.AdamW(param_groups)
+    # fused: one kernel per step for all tensors (CPU and CUDA); the per-tensor loop took 9% of a demo step
+    return torch.optim.AdamW(param_groups, fused=True)
 
 
 def gradient_flow(model):

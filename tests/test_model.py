@@ -214,3 +214,19 @@ def test_coordinate_losses_and_their_mask():
     assert loss(mean, "mse") < loss(-0.5, "mse") and loss(-0.5, "l1") < loss(mean, "l1")
     with pytest.raises(ValueError, match="unknown coordinate loss"):
         mvr.regression_loss(pred, target, kind="huber")
+
+
+def test_patch_embedding_runs_as_a_matmul_of_the_same_weights():
+    """load_base_model runs the ViT's stride-equals-kernel Conv3d as a matmul: the same result as the convolution
+    (float rounding), gradients reach its weight and bias, and the state dict is untouched."""
+    torch.manual_seed(0)
+    base = mvr.load_base_model("tiny")
+    embed = base.model.visual.patch_embed
+    assert isinstance(embed.proj, torch.nn.Conv3d) and "model.visual.patch_embed.proj.weight" in base.state_dict()
+    rows = torch.randn(2 * 196, embed.in_channels * embed.temporal_patch_size * embed.patch_size ** 2)
+    conv = embed.proj(rows.view(-1, embed.in_channels, embed.temporal_patch_size, embed.patch_size,
+                                embed.patch_size)).view(-1, embed.embed_dim)
+    out = embed(rows)
+    torch.testing.assert_close(out, conv, rtol=1e-5, atol=1e-4)
+    out.square().sum().backward()
+    assert embed.proj.weight.grad.abs().sum() > 0 and embed.proj.bias.grad.abs().sum() > 0
