@@ -106,7 +106,7 @@ def patch_embed_as_matmul(model):
     """Run the ViT's patch embedding as the matmul it is. It is a Conv3d whose stride equals its kernel, over inputs
     that are already one flattened patch per row, so each output is proj.weight (viewed as out x in) times a row.
     Same parameters and state dict, the same result up to float rounding; on CPU the convolution and its backward
-    took 16% of a demo training step (benchmarks/bench_train.py)."""
+    took 16% of a demo training step (docs/VLM_WORKFLOW.md section 4b)."""
     import types
 
     embed = base_of(model).model.visual.patch_embed
