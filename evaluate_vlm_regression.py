@@ -218,15 +218,50 @@ def _start_counting(i, record, min_pixels, max_pixels, ordering):
             "object_size": size, "scale": counting.protocol_scale([], size), "mark_radius": utils.mark_radius(w, h)}
 
 
-def _predict(model, processor, active, ordering, device):
+def shift_offsets(shift_px):
+    """(dx, dy) pixel moves of the image for one counting step: none, or with --tta_shift S the 3 x 3 grid of 0 and
+    +-S along each axis (9 forward passes)."""
+    s = int(shift_px or 0)
+    return [(0, 0)] if s == 0 else [(dx, dy) for dy in (-s, 0, s) for dx in (-s, 0, s)]
+
+
+def shift_image(image, dx, dy):
+    """The PIL image moved dx px right and dy px down, the same size, the uncovered border repeating the edge."""
+    if dx == 0 and dy == 0:
+        return image
+    from PIL import Image
+
+    a = np.asarray(image)
+    h, w = a.shape[:2]
+    padded = np.pad(a, ((max(dy, 0), max(-dy, 0)), (max(dx, 0), max(-dx, 0)), (0, 0)), mode="edge")
+    return Image.fromarray(padded[max(-dy, 0):max(-dy, 0) + h, max(-dx, 0):max(-dx, 0) + w])
+
+
+def _forward(model, processor, images, active, ordering):
+    """(normalized (B, 2) points, (B,) stop probabilities or None) of the model on these images of the states."""
+    batch = encode_batch(processor, images, [s["record"].object_type for s in active],
+                         [len(s["points"]) for s in active], ordering)
+    pred = model(**{k: v.to(_model_device(model)) for k, v in batch.items()}).float().cpu().numpy()
+    return pred[:, :2], (1 / (1 + np.exp(-pred[:, 2])) if pred.shape[1] == 3 else None)
+
+
+def _predict(model, processor, active, ordering, tta_shift=0):
     """(normalized (B, 2) points, (B,) stop probabilities or None) of the model, or of counting.Oracle, for the
-    active counting states."""
+    active counting states. With tta_shift, each state is predicted on its image moved by each of shift_offsets
+    (the ViT's patch grid then falls elsewhere on the objects) and each point moved back; the point is their median
+    per axis (what the L1-trained heads themselves answer under doubt), the stop probability their mean."""
     if isinstance(model, counting.Oracle):
         return model.predict(active)
-    batch = encode_batch(processor, [s["marked"] for s in active], [s["record"].object_type for s in active],
-                         [len(s["points"]) for s in active], ordering)
-    pred = model(**{k: v.to(device) for k, v in batch.items()}).float().cpu().numpy()
-    return pred[:, :2], (1 / (1 + np.exp(-pred[:, 2])) if pred.shape[1] == 3 else None)
+    if not tta_shift:
+        return _forward(model, processor, [s["marked"] for s in active], active, ordering)
+    xy, p_done = [], []
+    for dx, dy in shift_offsets(tta_shift):
+        points, p = _forward(model, processor, [shift_image(s["marked"], dx, dy) for s in active], active, ordering)
+        xy.append([utils.denormalize_points(q, *s["size"])[0] - (dx, dy) for q, s in zip(points, active)])
+        p_done.append(p)
+    xy = np.median(np.asarray(xy, np.float64), axis=0)  # (B, 2) pixels
+    points = np.stack([utils.normalize_points(q, *s["size"])[0] for q, s in zip(xy, active)])
+    return points, (None if p_done[0] is None else np.mean(p_done, axis=0))
 
 
 def _repeat_radius(s, protocol):
@@ -284,7 +319,7 @@ def _count_result(s, reason, match_radius):
 @torch.no_grad()
 def count_records(model, processor, records, *, ordering=None, min_pixels=None, max_pixels=None, batch_size=8,
                   stop_radius=None, max_steps=None, match_radius=None, train_mean_count=None,
-                  done_threshold=DONE_THRESHOLD, stop_rule=None, mark_style=None, progress=False):
+                  done_threshold=DONE_THRESHOLD, stop_rule=None, mark_style=None, tta_shift=0, progress=False):
     """Count the objects of each record one at a time: {"metrics": {...}, "predictions": [one dict per record]}.
 
     model: a VLMRegressionModel, or counting.Oracle (then processor is unused). Up to batch_size images advance
@@ -299,7 +334,6 @@ def count_records(model, processor, records, *, ordering=None, min_pixels=None, 
     protocol = {"stop_rule": stop_rule, "mark_style": mark_style, "done_threshold": done_threshold,
                 "repeat_radius": stop_radius}
     max_steps = int(max_steps) if max_steps else default_max_steps(records)
-    device = _model_device(model)
     was_training = getattr(model, "training", False)
     if isinstance(model, torch.nn.Module):
         model.eval()
@@ -326,10 +360,10 @@ def count_records(model, processor, records, *, ordering=None, min_pixels=None, 
     try:
         admit()
         while active:
-            xy, p_done = _predict(model, processor, active, ordering, device)
+            xy, p_done = _predict(model, processor, active, ordering, tta_shift)
             if stop_rule == "coordinate":
                 p_done = None
-            forwards += len(active)
+            forwards += len(active) * len(shift_offsets(tta_shift))
             still = []
             for j, s in enumerate(active):
                 reason = _count_step(s, xy[j], None if p_done is None else float(p_done[j]), protocol, max_steps)
@@ -353,7 +387,7 @@ def count_records(model, processor, records, *, ordering=None, min_pixels=None, 
         forwards_per_counted_object=forwards / counted if counted else None, skipped_images=skipped,
         settings={"ordering": ordering, "min_pixels": min_pixels, "max_pixels": max_pixels, "batch_size": batch_size,
                   "max_steps": max_steps, "stop_rule": stop_rule, "mark_style": mark_style,
-                  "done_threshold": done_threshold if stop_rule == "head" else None,
+                  "done_threshold": done_threshold if stop_rule == "head" else None, "tta_shift": tta_shift,
                   "repeat_radius": "protocol scale" if stop_radius is None else stop_radius,
                   "match_radius": "mark radius" if match_radius is None else match_radius})
     return {"metrics": metrics, "predictions": predictions}
@@ -454,7 +488,7 @@ def count_images(model, processor, images, object_name, *, batch_size=8, max_ste
     """Count `object_name` (as the prompt names classes: 'eggs' or 'egg') on each image (path or PIL image), step by
     step exactly as count_records does: one dict per image, {"count", "points" (pixels of the image, upright),
     "stop_reason", "steps"}, or {"error": why} for an image that cannot be read. protocol: count_records' settings
-    (ordering, min_pixels, max_pixels, stop_radius, done_threshold, stop_rule, mark_style); max_steps defaults to
+    (ordering, min_pixels, max_pixels, stop_radius, done_threshold, stop_rule, mark_style, tta_shift); max_steps defaults to
     IMAGES_MAX_STEPS."""
     records = [image_record(im, object_name, i) for i, im in enumerate(images)]
     with warnings.catch_warnings(record=True) as caught:  # count_records warns per unreadable image: say it here
@@ -510,7 +544,8 @@ def count_images_main(args, model, processor):
     results = count_images(model, processor, paths, args.object, batch_size=args.batch_size,
                            max_steps=args.max_steps, ordering=args.ordering, min_pixels=args.min_pixels,
                            max_pixels=args.max_pixels, stop_radius=args.stop_radius,
-                           done_threshold=args.done_threshold, stop_rule=stop_rule, mark_style=mark_style)
+                           done_threshold=args.done_threshold, stop_rule=stop_rule, mark_style=mark_style,
+                           tta_shift=args.tta_shift)
     os.makedirs(os.path.join(args.output_dir, "marks"), exist_ok=True)
     counts, plural = {}, object_names(args.object)[1]
     for n, (path, r) in enumerate(zip(paths, results)):
@@ -621,7 +656,7 @@ def checkpoint_defaults(ckpt, run_dir, dataset=None):
 def check_args(p, args):
     """argparse-style one-line errors (exit 2) for values no evaluation can use."""
     data.check_data_args(p, args)
-    for name, low in (("batch_size", 1), ("num_images", 0), ("max_steps", 1), ("num_vis", 0)):
+    for name, low in (("batch_size", 1), ("num_images", 0), ("max_steps", 1), ("num_vis", 0), ("tta_shift", 0)):
         value = getattr(args, name)
         if value is not None and value < low:
             p.error(f"--{name} must be >= {low}, got {value}")
@@ -667,6 +702,9 @@ def parse_args(argv=None):
                         f"{MAX_STEPS_CAP}")
     p.add_argument("--done_threshold", type=float, default=DONE_THRESHOLD,
                    help="the stop head's probability above which all objects count as marked")
+    p.add_argument("--tta_shift", type=int, default=0, metavar="PX",
+                   help="test-time shifts: predict each step on the image moved by 0 and +-PX px along each axis "
+                        "(9 forward passes) and combine the points (0 = off; 8 = half the ViT's 16-px patch)")
     p.add_argument("--match_radius", type=float, default=None,
                    help="a predicted point within this many model-input px of an object localises it; default: the "
                         "mark radius")
@@ -750,7 +788,7 @@ def main(argv=None):
         train_mean = float(np.mean([len(r.points) for r in train_records])) if train_records else None
         out = count_records(model, processor, records, stop_radius=args.stop_radius, max_steps=args.max_steps,
                             train_mean_count=train_mean, done_threshold=args.done_threshold,
-                            stop_rule=args.stop_rule, mark_style=args.mark_style, **kw)
+                            stop_rule=args.stop_rule, mark_style=args.mark_style, tta_shift=args.tta_shift, **kw)
         draw = functools.partial(count_visualisation, mark_style=out["metrics"]["settings"]["mark_style"])
     else:
         out = next_point_records(model, processor, records, seed=args.seed + 1, **kw)  # +1: training's val seed

@@ -113,6 +113,8 @@ def parse_args(argv=None):
     g.add_argument("--eval_count_split", default=None,
                    help="split that --eval_count_images counts (default: the validation split; the demo: test, "
                         "never used for training or model selection)")
+    g.add_argument("--eval_count_tta_shift", type=int, default=0, metavar="PX",
+                   help="that count's test-time shifts (evaluate_vlm_regression.py --tta_shift; 0 = off)")
     g.add_argument("--eval_count_images", type=int, default=0,
                    help="at the end, count objects step by step on N validation images (results.json)")
     g.add_argument("--wandb_project", default="vlm-sequential-counting", help="W&B project")
@@ -143,7 +145,7 @@ def check_args(p, args):
     mvr.check_model_args(p, args)
     for name, low in (("batch_size", 1), ("grad_accum", 1), ("epochs", 1), ("train_batches", 0), ("val_batches", 0),
                       ("warmup_steps", 0), ("checkpoint_every", 0), ("num_val_images", 0), ("log_every", 1),
-                      ("eval_count_images", 0), ("num_workers", 0)):
+                      ("eval_count_images", 0), ("eval_count_tta_shift", 0), ("num_workers", 0)):
         value = getattr(args, name)
         if value is not None and value < low:
             p.error(f"--{name} must be >= {low}, got {value}")
@@ -505,7 +507,7 @@ def count_at_the_end(run, num_examples=4):
     mean_count = float(np.mean([len(r.points) for r in run.data.train_records]))
     out = ev.count_records(run.raw_model, run.processor, records[: args.eval_count_images], ordering=args.ordering,
                            min_pixels=args.min_pixels, max_pixels=args.max_pixels, batch_size=args.batch_size,
-                           train_mean_count=mean_count)
+                           train_mean_count=mean_count, tta_shift=args.eval_count_tta_shift)
     folder = os.path.join(args.output_dir, "count_examples")
     os.makedirs(folder, exist_ok=True)
     by_key = {(r.image_id, r.object_type): r for r in records}

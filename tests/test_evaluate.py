@@ -231,6 +231,54 @@ def test_next_point_metrics_by_hand(tiny_processor, fixture_records):
         np.mean(unmarked), np.mean(target), np.mean(marked))
 
 
+def test_shift_image_moves_the_content_and_repeats_the_edge():
+    """shift_image moves every pixel by (dx, dy), keeps the size, and fills the uncovered border with the edge."""
+    a = np.zeros((20, 30, 3), np.uint8)
+    a[:, 0] = 50  # the left edge column
+    a[5, 10] = 255
+    im = Image.fromarray(a)
+    for dx, dy in ev.shift_offsets(4):
+        b = np.asarray(ev.shift_image(im, dx, dy))
+        assert b.shape == a.shape and b[5 + dy, 10 + dx, 0] == 255 and (b == 255).sum() == 3
+    right = np.asarray(ev.shift_image(im, 3, 0))
+    assert (right[:, :4, 0] == 50).all() and (right[:, 4:, 0] != 50).all()  # the edge column, repeated
+    assert ev.shift_image(im, 0, 0) is im
+    assert ev.shift_offsets(0) == [(0, 0)] and len(set(ev.shift_offsets(8))) == 9
+
+
+class ShiftSeeingModel(torch.nn.Module):
+    """Stand-in for a model that sees where things are: it recognises which of shift_offsets' moves its image got
+    (by its exact pixels, from the real image processor) and answers a point that moves with the image: object A
+    for five of the moves, object B for the other four, as a model unsure of which object is next would."""
+
+    def __init__(self, processor, image, shift, a, b):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+        self.a, self.b, self.size, self.calls = np.array(a), np.array(b), image.size, []
+        self.seen = {(dx, dy): processor.image_processor(images=[ev.shift_image(image, dx, dy)],
+                                                         return_tensors="pt")["pixel_values"]
+                     for dx, dy in ev.shift_offsets(shift)}
+
+    def forward(self, pixel_values, **_ignored):
+        (move,) = [m for m, px in self.seen.items() if torch.equal(px, pixel_values)]
+        self.calls.append(move)
+        target = self.a if ev.shift_offsets(8).index(move) % 2 == 0 else self.b  # 5 of the 9 moves see A
+        xy = utils.normalize_points(target + move, *self.size)[0]
+        return torch.tensor([[*xy, -10.0]])  # stop logit: keep counting
+
+
+def test_test_time_shifts_move_each_point_back_and_take_the_median(tiny_processor, fixture_records):
+    """With tta_shift, each step predicts on the 9 moved images, moves each point back (a point that moved with the
+    image returns to where the object is) and counts the per-axis median: the majority's object, exactly."""
+    rec = fixture_records[3]  # 64 x 64: its own model-input frame
+    image = data.prepare_image(rec)[0]
+    model = ShiftSeeingModel(tiny_processor, image, 8, a=(20, 30), b=(44, 12))
+    out = ev.count_records(model, tiny_processor, [rec], max_steps=1, tta_shift=8)
+    np.testing.assert_allclose(out["predictions"][0]["points"], [[20, 30]], atol=1e-3)
+    assert sorted(model.calls) == sorted(ev.shift_offsets(8))  # each move once, for the one step
+    assert out["metrics"]["forward_passes"] == 9 and out["metrics"]["settings"]["tta_shift"] == 8
+
+
 # -----------------------------------------------------------------------------
 # The real tiny model, trained for one step by the training script, through the CLI
 
@@ -297,7 +345,8 @@ def test_cli_fsc147_from_run_dir(trained):
 
 
 def test_cli_omnicount_and_checkpoint_resolution(trained):
-    """A step-N folder resolves to its run; another dataset given on the command line replaces the run's data."""
+    """A step-N folder resolves to its run; another dataset given on the command line replaces the run's data;
+    --tta_shift counts with test-time shifts (9 forward passes a step); a negative one is refused."""
     run = trained["run"]
     step = os.path.realpath(run / "checkpoints" / "best")
     assert ev.resolve_checkpoint(str(run)) == (str(run / "checkpoints" / "best"), str(run))
@@ -306,8 +355,10 @@ def test_cli_omnicount_and_checkpoint_resolution(trained):
         ev.resolve_checkpoint(str(trained["root"]))
     out = trained["root"] / "eval_omni"
     ev.main(["--checkpoint", step, "--dataset", "omnicount", "--data_root", str(trained["omni"]), "--split", "test",
-             "--output_dir", str(out), "--max_steps", "2", "--batch_size", "4", "--num_vis", "2"])
+             "--output_dir", str(out), "--max_steps", "2", "--batch_size", "4", "--num_vis", "2", "--tta_shift", "4"])
     metrics, preds = read_outputs(out)
+    assert metrics["settings"]["tta_shift"] == 4 and metrics["forward_passes"] == 9 * (
+        sum(p["pred_count"] for p in preds) + sum(p["stop_reason"] != "max_steps" for p in preds))
     expected = trained["omni_info"]["expected"]
     test = expected[("Fruits", "test")]  # Household has no test split
     assert sorted((p["image"].split("/")[-1], p["object_type"], p["gt_count"]) for p in preds) == sorted(
@@ -316,6 +367,9 @@ def test_cli_omnicount_and_checkpoint_resolution(trained):
     assert metrics["train_mean_count"] == pytest.approx(np.mean(train_counts))
     assert metrics["num_images"] == len(test) and metrics["settings"]["ordering"] == "left_to_right"
     assert len(os.listdir(out / "vis")) == 2
+    with pytest.raises(SystemExit) as e:
+        ev.parse_args(["--checkpoint", step, "--tta_shift", "-1"])
+    assert e.value.code == 2
 
 
 def test_batched_counting_equals_one_by_one(trained, fixture_records):

@@ -204,12 +204,12 @@ def test_old_argument_spellings_still_parse():
 
 def test_config_file_settings_and_the_count_at_the_end(tmp_path):
     """--config sets flags from a YAML file (the command line wins, config.json records the result); with
-    --eval_count_split test the run ends by counting held-out test images, writes count_examples/ PNGs, stores the
-    metrics in results.json and says in words what it measured and where the pictures are. A config with an unknown
-    key is a one-line error."""
+    --eval_count_split test the run ends by counting held-out test images (with test-time shifts), writes
+    count_examples/ PNGs, stores the metrics in results.json and says in words what it measured and where the
+    pictures are. A config with an unknown key is a one-line error."""
     cfg = tmp_path / "run.yaml"
     cfg.write_text("epochs: 1\ntrain_batches: 2\nval_batches: 1\nlr: 0.002\neval_count_split: test\n"
-                   "eval_count_images: 3\nsynthetic_num_test: 4\n")
+                   "eval_count_images: 3\nsynthetic_num_test: 4\neval_count_tta_shift: 4\n")
     out = tmp_path / "run"
     proc = run_train(out, "--config", str(cfg), "--lr", "0.001")
     saved = json.loads((out / "config.json").read_text())
@@ -219,6 +219,9 @@ def test_config_file_settings_and_the_count_at_the_end(tmp_path):
     assert len(list((out / "count_examples").glob("*.png"))) == 3
     assert "counted 3 test images one object at a time" in proc.stdout and "count_examples" in proc.stdout
     c = res["count_eval"]
+    assert c["settings"]["tta_shift"] == 4  # test-time shifts: 9 forward passes per step
+    assert c["forward_passes"] == 9 * (round(c["pred_count_mean"] * 3) + sum(
+        n for reason, n in c["stop_reasons"].items() if reason != "max_steps"))
     assert c["match_radius_px_mean"] == 8.0  # utils.mark_radius of a 224-px image
     assert c["images_with_object_size"] == 3 and 0 <= c["f1_object_radius"] <= 1  # synthetic shapes have sizes
     assert c["f1_object_radius"] >= c["f1"]  # objects' radii (12-24 px) are wider than the 8-px mark radius
