@@ -327,7 +327,8 @@ def count_records(model, processor, records, *, ordering=None, min_pixels=None, 
     stop_rule/mark_style None = the model's training config (counting.py explains the protocol); stop_radius (the
     repeat rule's radius) None = from the protocol's scale; match_radius None = the image's mark radius
     (utils.mark_radius). Distances are pixels of the model-input frame; reported points are in the original frame.
-    ordering/min_pixels/max_pixels None = the model's training config.
+    ordering/min_pixels/max_pixels None = the model's training config. tta_shift PX > 0: each step predicts on the
+    image moved by 0 and +-PX px (9 forward passes) and counts the median point (_predict).
     """
     ordering, min_pixels, max_pixels = _data_settings(model, ordering, min_pixels, max_pixels)
     stop_rule, mark_style = protocol_settings(model, stop_rule, mark_style)
