@@ -237,15 +237,15 @@ def shift_image(image, dx, dy):
     return Image.fromarray(padded[max(-dy, 0):max(-dy, 0) + h, max(-dx, 0):max(-dx, 0) + w])
 
 
-def _forward(model, processor, images, active, ordering):
+def _forward(model, processor, images, active, ordering, device):
     """(normalized (B, 2) points, (B,) stop probabilities or None) of the model on these images of the states."""
     batch = encode_batch(processor, images, [s["record"].object_type for s in active],
                          [len(s["points"]) for s in active], ordering)
-    pred = model(**{k: v.to(_model_device(model)) for k, v in batch.items()}).float().cpu().numpy()
+    pred = model(**{k: v.to(device) for k, v in batch.items()}).float().cpu().numpy()
     return pred[:, :2], (1 / (1 + np.exp(-pred[:, 2])) if pred.shape[1] == 3 else None)
 
 
-def _predict(model, processor, active, ordering, tta_shift=0):
+def _predict(model, processor, active, ordering, device, tta_shift=0):
     """(normalized (B, 2) points, (B,) stop probabilities or None) of the model, or of counting.Oracle, for the
     active counting states. With tta_shift, each state is predicted on its image moved by each of shift_offsets
     (the ViT's patch grid then falls elsewhere on the objects) and each point moved back; the point is their median
@@ -253,10 +253,11 @@ def _predict(model, processor, active, ordering, tta_shift=0):
     if isinstance(model, counting.Oracle):
         return model.predict(active)
     if not tta_shift:
-        return _forward(model, processor, [s["marked"] for s in active], active, ordering)
+        return _forward(model, processor, [s["marked"] for s in active], active, ordering, device)
     xy, p_done = [], []
     for dx, dy in shift_offsets(tta_shift):
-        points, p = _forward(model, processor, [shift_image(s["marked"], dx, dy) for s in active], active, ordering)
+        moved = [shift_image(s["marked"], dx, dy) for s in active]
+        points, p = _forward(model, processor, moved, active, ordering, device)
         xy.append([utils.denormalize_points(q, *s["size"])[0] - (dx, dy) for q, s in zip(points, active)])
         p_done.append(p)
     xy = np.median(np.asarray(xy, np.float64), axis=0)  # (B, 2) pixels
@@ -335,6 +336,7 @@ def count_records(model, processor, records, *, ordering=None, min_pixels=None, 
     protocol = {"stop_rule": stop_rule, "mark_style": mark_style, "done_threshold": done_threshold,
                 "repeat_radius": stop_radius}
     max_steps = int(max_steps) if max_steps else default_max_steps(records)
+    device, passes = _model_device(model), len(shift_offsets(tta_shift))  # passes: forward passes per step
     was_training = getattr(model, "training", False)
     if isinstance(model, torch.nn.Module):
         model.eval()
@@ -361,10 +363,10 @@ def count_records(model, processor, records, *, ordering=None, min_pixels=None, 
     try:
         admit()
         while active:
-            xy, p_done = _predict(model, processor, active, ordering, tta_shift)
+            xy, p_done = _predict(model, processor, active, ordering, device, tta_shift)
             if stop_rule == "coordinate":
                 p_done = None
-            forwards += len(active) * len(shift_offsets(tta_shift))
+            forwards += len(active) * passes
             still = []
             for j, s in enumerate(active):
                 reason = _count_step(s, xy[j], None if p_done is None else float(p_done[j]), protocol, max_steps)
@@ -489,8 +491,8 @@ def count_images(model, processor, images, object_name, *, batch_size=8, max_ste
     """Count `object_name` (as the prompt names classes: 'eggs' or 'egg') on each image (path or PIL image), step by
     step exactly as count_records does: one dict per image, {"count", "points" (pixels of the image, upright),
     "stop_reason", "steps"}, or {"error": why} for an image that cannot be read. protocol: count_records' settings
-    (ordering, min_pixels, max_pixels, stop_radius, done_threshold, stop_rule, mark_style, tta_shift); max_steps defaults to
-    IMAGES_MAX_STEPS."""
+    (ordering, min_pixels, max_pixels, stop_radius, done_threshold, stop_rule, mark_style, tta_shift); max_steps
+    defaults to IMAGES_MAX_STEPS."""
     records = [image_record(im, object_name, i) for i, im in enumerate(images)]
     with warnings.catch_warnings(record=True) as caught:  # count_records warns per unreadable image: say it here
         warnings.simplefilter("always")

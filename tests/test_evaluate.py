@@ -255,14 +255,14 @@ class ShiftSeeingModel(torch.nn.Module):
         super().__init__()
         self.anchor = torch.nn.Parameter(torch.zeros(()))
         self.a, self.b, self.size, self.calls = np.array(a), np.array(b), image.size, []
+        self.moves = ev.shift_offsets(shift)
         self.seen = {(dx, dy): processor.image_processor(images=[ev.shift_image(image, dx, dy)],
-                                                         return_tensors="pt")["pixel_values"]
-                     for dx, dy in ev.shift_offsets(shift)}
+                                                         return_tensors="pt")["pixel_values"] for dx, dy in self.moves}
 
     def forward(self, pixel_values, **_ignored):
         (move,) = [m for m, px in self.seen.items() if torch.equal(px, pixel_values)]
         self.calls.append(move)
-        target = self.a if ev.shift_offsets(8).index(move) % 2 == 0 else self.b  # 5 of the 9 moves see A
+        target = self.a if self.moves.index(move) % 2 == 0 else self.b  # 5 of the 9 moves see A
         xy = utils.normalize_points(target + move, *self.size)[0]
         return torch.tensor([[*xy, -10.0]])  # stop logit: keep counting
 
