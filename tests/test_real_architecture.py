@@ -9,8 +9,11 @@ that cache first (tiny_model.random_weights_dir: the architecture initialised in
 85 s and peaks at 10.5 GB RSS, below the test's own peak: 258 s in all on a cold cache. The test prints its wall
 time and peak RSS (run pytest with -s to see them).
 
-It is skipped, saying so, only when the machine has too little free memory to run it (MIN_AVAILABLE_GIB) or the disk
-too little room for the cached weights.
+It is skipped, saying so, only when the machine cannot run it: too little free memory (MIN_AVAILABLE_GIB), too little
+disk for the cached weights, or a CPU whose bf16 matrix products are too slow (MIN_BF16_GFLOPS). The last is measured,
+not guessed from CPU flags: on an AVX2-only CPU (no AVX-512), PyTorch 2.14's bf16 product of a gradient with a
+frozen weight (`grad @ W`, the backward's input gradient through every Linear) ran at 0.16 GFLOP/s, against 33 GFLOP/s
+for the same product in fp32, so the one LoRA step alone would take hours; CI once timed out on such a machine.
 """
 import gc
 import os
@@ -37,6 +40,19 @@ MODEL = "Qwen/Qwen3-VL-4B-Thinking"
 SIDE = 64  # the processor's floor (MIN_PIXELS): 2x2 merged visual tokens per image
 MIN_AVAILABLE_GIB = 14  # the measured peak RSS is about 12 GB
 WEIGHTS_GIB = 9  # model.safetensors of the random-weight copy (bf16)
+MIN_BF16_GFLOPS = 2.0  # the backward's bf16 products; an AVX2-only CPU gives 0.16, one with AVX-512 far more
+
+
+def bf16_backward_gflops():
+    """Speed of the backward's bf16 product (gradient [tokens, out] @ weight [out, in], the weight as nn.Linear stores
+    it) on this CPU, in GFLOP/s: one warm-up and two timed products of a 64 x 2048 by 2048 x 1024 shape."""
+    grad = torch.randn(64, 2048, dtype=torch.bfloat16)
+    weight = torch.randn(2048, 1024, dtype=torch.bfloat16)
+    grad @ weight
+    t0 = time.perf_counter()
+    for _ in range(2):
+        grad @ weight
+    return 2 * 2 * 64 * 2048 * 1024 / (time.perf_counter() - t0) / 1e9
 
 
 def available_gib():
@@ -68,6 +84,10 @@ def needs_room():
     os.makedirs(cache_dir(), exist_ok=True)
     if not cached and shutil.disk_usage(cache_dir()).free / 1024 ** 3 < WEIGHTS_GIB + 1:
         return f"needs {WEIGHTS_GIB + 1} GiB free in {cache_dir()} for the random weights"
+    gflops = bf16_backward_gflops()
+    if gflops < MIN_BF16_GFLOPS:
+        return (f"this CPU's bf16 backward products run at {gflops:.2f} GFLOP/s (needs {MIN_BF16_GFLOPS}): "
+                f"one LoRA step of the 4B would take hours")
     return None
 
 
