@@ -432,7 +432,6 @@ class CountingSample:
     points: np.ndarray  # (N, 2) all points in counting order, pixels of the resized image
     image_id: str
     done: bool = False
-    alternatives: np.ndarray | None = None  # float32 (M, 2) normalized: every object the target may be (tie_tolerance)
 
 
 class CountingDataset(torch.utils.data.Dataset):
@@ -442,20 +441,12 @@ class CountingDataset(torch.utils.data.Dataset):
     worker count, order of access or resume point. Validation sets simply never call set_epoch.
     Unreadable images are warned about once, counted in `self.skipped` (per process: DataLoader workers keep their
     own counts) and replaced by another record, so an epoch never crashes on one bad file.
-
-    tie_tolerance T > 0 (left_to_right only): objects whose x differ by less than T object sizes are tied. Each sample
-    orders the objects by x plus a uniform draw in [0, T sizes), so a tied pair is marked in either order, and its
-    `alternatives` are all the unmarked objects within T sizes of the leftmost unmarked one: the loss scores the
-    prediction against the nearest of them (model_vlm_regression.tie_target), so the heads commit to one object of a
-    tie instead of landing between them.
     """
 
     def __init__(self, records, ordering="reading_order", min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS,
-                 done_fraction=0.0, seed=0, mark_style="auto", mark_jitter=0.0, tie_tolerance=0.0):
+                 done_fraction=0.0, seed=0, mark_style="auto", mark_jitter=0.0):
         if ordering not in utils.ORDERINGS:
             raise ValueError(f"unknown ordering {ordering!r}; choose from {utils.ORDERINGS}")
-        if tie_tolerance and ordering != "left_to_right":
-            raise ValueError(f"a tie tolerance needs the left_to_right ordering, not {ordering!r}")
         if not records:
             raise DataError("no records to build samples from (check the split and the filters)")
         self.records, self.ordering = list(records), ordering
@@ -465,7 +456,6 @@ class CountingDataset(torch.utils.data.Dataset):
             raise ValueError(f"unknown mark style {mark_style!r}; choose from {counting.MARK_STYLES}")
         self.mark_style = mark_style
         self.mark_jitter = float(mark_jitter)
-        self.tie_tolerance = float(tie_tolerance)
         self.skipped = 0
         self._bad = set()
         self._orders = {}
@@ -503,24 +493,17 @@ class CountingDataset(torch.utils.data.Dataset):
         done = bool(rng.random() < self.done_fraction)
         image, pts = prepare_image(rec, self.min_pixels, self.max_pixels)
         pts = pts[self.order(j)]
-        size = object_size_in(rec, image.size)
-        alternatives = None
         if done:
             k, target = n, np.array([-1.0, -1.0], np.float32)
         else:
-            if self.tie_tolerance and n > 1:
-                tol = self.tie_tolerance * (size or utils.median_nn_distance(pts))
-                pts = pts[np.argsort(pts[:, 0] + rng.uniform(0.0, tol, n), kind="stable")]
-                rest = pts[k:]
-                alternatives = utils.normalize_points(rest[rest[:, 0] < rest[:, 0].min() + tol], *image.size)
             target = utils.normalize_points(pts[k], *image.size)[0]
+        size = object_size_in(rec, image.size)
         marked = pts[:k]
         scale = counting.protocol_scale(marked, size) if self.mark_jitter and k else None
         if scale:  # marks where a model would have put them: off the centres by up to a share of the object's scale
             marked = np.clip(marked + rng.normal(0.0, self.mark_jitter * scale, marked.shape), 0,
                              [image.size[0] - 1, image.size[1] - 1]).astype(pts.dtype)
-        return CountingSample(self.mark(image, marked, size), rec.object_type, k, target, pts, rec.image_id, done,
-                              alternatives)
+        return CountingSample(self.mark(image, marked, size), rec.object_type, k, target, pts, rec.image_id, done)
 
     def mark(self, image, marked, object_size):
         """The image with `marked` drawn as evaluation draws them after counting those points (counting.mark_spec:
@@ -539,12 +522,6 @@ def make_collate_fn(processor, ordering="reading_order"):
                            [s.num_marked for s in samples], ordering)
         out["targets"] = torch.from_numpy(np.stack([s.target for s in samples]).astype(np.float32))
         out["done"] = torch.tensor([float(s.done) for s in samples], dtype=torch.float32)
-        alts = [s.alternatives for s in samples]
-        if any(a is not None for a in alts):  # (B, M, 2): a row padded with copies of one of its own, which changes no minimum
-            alts = [np.asarray(s.target, np.float32)[None] if a is None else a for s, a in zip(samples, alts)]
-            width = max(len(a) for a in alts)
-            out["alternatives"] = torch.from_numpy(np.stack([np.concatenate([a, np.repeat(a[:1], width - len(a), 0)])
-                                                             for a in alts]).astype(np.float32))
         return out
 
     return collate

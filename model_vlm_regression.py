@@ -209,18 +209,6 @@ def regression_loss(pred, target, mask=None, kind="mse"):
     return loss_x + loss_y, loss_x, loss_y
 
 
-def tie_target(pred, batch, kind="mse"):
-    """The target each row of a batch is scored against: batch["targets"], or, where the batch has "alternatives"
-    (B, M, 2) (a dataset's tie_tolerance), the alternative nearest the prediction under the loss `kind`; the choice
-    carries no gradient, so the loss pulls the prediction to the object of the tie it is already closest to."""
-    alts = batch.get("alternatives")
-    if alts is None:
-        return batch["targets"]
-    gap = pred[:, None, :2].detach() - alts
-    err = (gap.abs() if kind == "l1" else gap ** 2).sum(-1)
-    return alts[torch.arange(len(alts), device=alts.device), err.argmin(1)]
-
-
 def counting_loss(pred, target, done, kind="mse"):
     """(total, loss_x, loss_y, loss_done) of a batch. pred (B, 2): the coordinate stop rule, done samples are
     trained towards (-1, -1) like any other target and loss_done is 0. pred (B, 3), a stop head: the coordinate

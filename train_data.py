@@ -49,7 +49,6 @@ def load_data(args, world, rank):
         sys.exit(f"error: {e}")
     dkw = dict(ordering=args.ordering, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
                done_fraction=args.done_fraction, mark_style=args.mark_style)
-    dkw["tie_tolerance"] = args.tie_tolerance
     train_ds = data.CountingDataset(train_records, seed=args.seed, mark_jitter=args.mark_jitter, **dkw)
     val_ds = data.CountingDataset(val_records, seed=args.seed + 1, **dkw)
     train_batches = args.train_batches or len(train_ds) // (args.batch_size * world)
@@ -77,30 +76,22 @@ def baseline_val_loss(d, seed, stop_head=False, coord_loss="mse"):
     """The loss of a model that knows only the training targets (of 512 seeded samples), on the validation samples:
     the best constant for the coordinate loss (the mean target for MSE, the per-axis median for L1) and, with a stop
     head, the share of done samples as its constant probability. With a stop head the coordinate part leaves the
-    done samples out, as the training loss does; with a tie tolerance each sample is scored against its alternative
-    nearest the constant, as training scores a prediction."""
+    done samples out, as the training loss does."""
     centre = np.median if coord_loss == "l1" else np.mean
     ids = np.random.default_rng([seed, 11]).permutation(len(d.train_ds))[:512]
     train = [d.train_ds[int(i)] for i in ids]
     val = [d.val_ds[int(i)] for i in d.val_order]
-    kept = [s.target for s in train if not (stop_head and s.done)] or [np.zeros(2, np.float32)]
-    constant = torch.tensor(centre(kept, 0), dtype=torch.float32)
-    val_targets = torch.stack([mvr.tie_target(constant[None], nearest_batch(s), coord_loss)[0] for s in val])
+    val_targets = torch.tensor(np.stack([s.target for s in val]))
     if not stop_head:
+        constant = torch.tensor(centre([s.target for s in train], 0), dtype=torch.float32)
         return mvr.regression_loss(constant.expand_as(val_targets), val_targets, kind=coord_loss)[0].item()
+    constant = torch.tensor(centre([s.target for s in train if not s.done] or [np.zeros(2, np.float32)], 0),
+                            dtype=torch.float32)
     p_done = float(np.clip(np.mean([s.done for s in train]), 1e-4, 1 - 1e-4))
     val_done = torch.tensor([float(s.done) for s in val])
     logit = torch.full((len(val), 1), float(np.log(p_done / (1 - p_done))))
     pred = torch.cat((constant.expand_as(val_targets), logit), 1)
     return mvr.counting_loss(pred, val_targets, val_done, coord_loss)[0].item()
-
-
-def nearest_batch(sample):
-    """A one-sample batch of the keys tie_target reads."""
-    batch = {"targets": torch.from_numpy(np.asarray(sample.target, np.float32))[None]}
-    if sample.alternatives is not None:
-        batch["alternatives"] = torch.from_numpy(sample.alternatives.astype(np.float32))[None]
-    return batch
 
 
 # -----------------------------------------------------------------------------
@@ -169,7 +160,7 @@ def validate(model, loader, accelerator, coord_loss="mse"):
     for batch in loader:
         batch = to_device(batch, accelerator.device)
         preds.append(model(**batch).float())
-        targets.append(mvr.tie_target(preds[-1], batch, coord_loss))
+        targets.append(batch["targets"])
         sizes.append(image_sizes(batch))
         dones.append(batch["done"])
     model.train()

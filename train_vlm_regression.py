@@ -90,10 +90,6 @@ def parse_args(argv=None):
                    "(default: --lr)")
     g.add_argument("--coord_loss", default="mse", choices=mvr.COORD_LOSSES, help="loss on x and y: mse, or l1 "
                    "(the median: commits to one object where MSE's mean lands between two)")
-    g.add_argument("--tie_tolerance", type=float, default=0.0,
-                   help="with --ordering left_to_right: objects whose x differ by less than this many object sizes "
-                        "are tied, marked in either order, and the loss takes the tied object nearest the prediction "
-                        "(0 = always the exact next object)")
     g.add_argument("--warmup_steps", type=int, default=100, help="linear warmup, then cosine decay to 0")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the global gradient norm; 0 = off")
     g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW's, on every trainable parameter")
@@ -157,11 +153,9 @@ def check_args(p, args):
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value > 0):
             p.error(f"--{name} must be a positive number, got {value}")
-    for name in ("max_grad_norm", "weight_decay", "tie_tolerance"):
+    for name in ("max_grad_norm", "weight_decay"):
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
             p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
-    if args.tie_tolerance and args.ordering != "left_to_right":
-        p.error(f"--tie_tolerance needs --ordering left_to_right, not {args.ordering}")
     if args.vision_lr is not None and args.train_vision == "none":
         p.error("--vision_lr needs --train_vision merger or all (the vision tower is frozen)")
     if args.resume and args.overwrite:
@@ -372,8 +366,7 @@ def train_step(run, batch):
     accelerator, grad_norm = run.accelerator, None
     with accelerator.accumulate(run.model):
         pred = run.model(**batch)
-        target = mvr.tie_target(pred, batch, run.args.coord_loss)
-        losses = mvr.counting_loss(pred.float(), target, batch["done"], run.args.coord_loss)
+        losses = mvr.counting_loss(pred.float(), batch["targets"], batch["done"], run.args.coord_loss)
         accelerator.backward(losses[0])
         if accelerator.sync_gradients:
             if not run.flow_checked:
@@ -608,7 +601,7 @@ def main(args):
         gradient_checkpointing=args.gradient_checkpointing, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
         stop_rule=args.stop_rule, train_vision=args.train_vision)
     model.config.update(ordering=args.ordering, mark_style=args.mark_style, done_fraction=args.done_fraction,
-                        coord_loss=args.coord_loss, tie_tolerance=args.tie_tolerance)
+                        coord_loss=args.coord_loss)
     collate = data.make_collate_fn(processor, args.ordering)
     mlp_lr = args.mlp_lr if args.mlp_lr is not None else args.lr * args.mlp_lr_multiplier
     optimizer = build_optimizer(model, args.lr, mlp_lr, args.weight_decay, args.vision_lr)

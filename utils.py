@@ -70,7 +70,7 @@ def order_points(points, strategy="reading_order"):
         return np.lexsort((idx, y, x)).astype(np.int64)
     by_y = np.lexsort((idx, x, y))  # the tie-break order for everything below
     if strategy == "reading_order":
-        band = 0.5 * median_nn_distance(pts)
+        band = 0.5 * _median_nn_distance(pts)
         ys = y[by_y]
         row = np.empty(n, dtype=np.int64)
         start, r = 0, 0
@@ -99,7 +99,7 @@ def order_points(points, strategy="reading_order"):
     return by_y[out].astype(np.int64)
 
 
-def median_nn_distance(pts):
+def _median_nn_distance(pts):
     from scipy.spatial import cKDTree
 
     d, _ = cKDTree(pts).query(pts, k=2)

@@ -209,38 +209,6 @@ def test_mark_jitter_moves_the_marks_only(fsc):
     assert moved > 0
 
 
-def test_tie_tolerance_marks_ties_in_either_order_and_lists_every_tied_object(tiny_processor):
-    """tie_tolerance T: the alternatives are exactly the unmarked objects within T object sizes (in x) of the leftmost
-    unmarked one, the target is one of them, every marked object is left of them or tied with them, both orders of
-    a tie occur; collate pads the alternatives into (B, M, 2); T = 0 gives the plain left-to-right samples."""
-    records, _ = dataset.load_records("synthetic", synthetic=SyntheticConfig(num_train=200, min_count=2, max_count=6))
-    plain = dataset.CountingDataset(records, "left_to_right", seed=3)
-    tied = dataset.CountingDataset(records, "left_to_right", seed=3, tie_tolerance=1.0)
-    swapped = with_alternatives = 0
-    for i in range(len(records)):
-        s = tied[i]
-        assert plain[i].alternatives is None
-        if s.alternatives is None:
-            assert len(records[i].points) == 1
-            continue
-        tol = dataset.object_size_in(records[i], s.image.size)
-        rest = s.points[s.num_marked:]
-        near = rest[rest[:, 0] < rest[:, 0].min() + tol]
-        np.testing.assert_allclose(s.alternatives, utils.normalize_points(near, *s.image.size), atol=1e-6)
-        assert any(np.allclose(s.target, a) for a in s.alternatives)
-        assert (s.points[:s.num_marked, 0] < rest[:, 0].min() + tol).all()  # nothing far right of the rest is marked
-        with_alternatives += len(s.alternatives) > 1
-        swapped += not np.array_equal(s.points[:, 0], np.sort(s.points[:, 0]))
-    assert with_alternatives > 10 and swapped > 10
-    batch = dataset.make_collate_fn(tiny_processor, "left_to_right")([tied[i] for i in range(6)])
-    alts = batch["alternatives"]
-    assert alts.shape[:1] == (6,) and alts.shape[2] == 2
-    for row, target in zip(alts, batch["targets"]):
-        assert (row == target).all(1).any()  # every row holds its own target
-    with pytest.raises(ValueError, match="left_to_right"):
-        dataset.CountingDataset(records, "reading_order", tie_tolerance=1.0)
-
-
 def test_counting_dataset_survives_corrupt_image(fsc, tmp_path):
     """An image that fails to decode is warned about once and replaced by another sample; the epoch goes on."""
     root, _ = fsc

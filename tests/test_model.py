@@ -216,21 +216,6 @@ def test_coordinate_losses_and_their_mask():
         mvr.regression_loss(pred, target, kind="huber")
 
 
-def test_tie_target_scores_each_row_against_its_nearest_alternative():
-    """Without alternatives the target is batch["targets"]; with them, each row's nearest alternative under the loss
-    kind (L1 and squared distance pick differently here), and the gradient flows to the prediction only."""
-    pred = torch.tensor([[0.0, 0.0, 3.0], [0.5, 0.5, -1.0]], requires_grad=True)
-    targets = torch.tensor([[0.9, 0.0], [0.5, 0.5]])
-    assert mvr.tie_target(pred, {"targets": targets}) is targets
-    alts = torch.tensor([[[0.9, 0.0], [0.5, 0.5]],  # row 0: (0.5, 0.5) is nearer in L2 (0.5 vs 0.81), farther in L1
-                         [[0.5, 0.5], [0.5, 0.5]]])
-    batch = {"targets": targets, "alternatives": alts}
-    assert torch.equal(mvr.tie_target(pred, batch, "mse"), alts[:, 1])
-    assert torch.equal(mvr.tie_target(pred, batch, "l1"), alts[:, 0])
-    mvr.counting_loss(pred, mvr.tie_target(pred, batch, "mse"), torch.zeros(2))[0].backward()
-    assert pred.grad[0, :2].tolist() == [-0.5, -0.5] and not mvr.tie_target(pred, batch).requires_grad
-
-
 def test_patch_embedding_runs_as_a_matmul_of_the_same_weights():
     """load_base_model runs the ViT's stride-equals-kernel Conv3d as a matmul: the same result as the convolution
     (float rounding), gradients reach its weight and bias, and the state dict is untouched."""

@@ -75,7 +75,6 @@ def copy_run(finished, tmp_path):
     (("--resume", "--lora_r", "4", "--mlp_layers", "2"), 2, ["other model settings", "lora_r 8 vs 4", "mlp_layers"]),
     (("--resume", "--ordering", "left_to_right"), 2, ["ordering 'reading_order' vs 'left_to_right'"]),
     (("--resume", "--coord_loss", "l1"), 2, ["coord_loss 'mse' vs 'l1'"]),
-    (("--resume", "--ordering", "left_to_right", "--tie_tolerance", "1"), 2, ["tie_tolerance 0.0 vs 1.0"]),
     (("--resume", "--overwrite"), 2, ["give one of them"]),
     (("--resume", "/nonexistent/ckpt"), 2, ["no such checkpoint folder"]),
     (("--resume", "--dataset", "fsc147", "--data_root", "/nonexistent"), 1, ["/nonexistent: data root not found"]),
@@ -193,8 +192,6 @@ def test_a_full_disk_is_one_line_and_leaves_no_temp_files(tmp_path):
     (["--grad_accum", "0"], "--grad_accum must be >= 1"),
     (["--mlp_lr", "0"], "--mlp_lr must be a positive number"),
     (["--max_grad_norm", "nan"], "--max_grad_norm must be >= 0"),
-    (["--tie_tolerance", "-1", "--ordering", "left_to_right"], "--tie_tolerance must be >= 0"),
-    (["--tie_tolerance", "1"], "--tie_tolerance needs --ordering left_to_right, not reading_order"),
     (["--synthetic_min_count", "5", "--synthetic_max_count", "2"], "--synthetic_max_count (2) must be >="),
 ])
 def test_training_arguments_are_checked(argv, words, capsys):

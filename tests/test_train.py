@@ -209,14 +209,11 @@ def test_config_file_settings_and_the_count_at_the_end(tmp_path):
     pictures are. A config with an unknown key is a one-line error."""
     cfg = tmp_path / "run.yaml"
     cfg.write_text("epochs: 1\ntrain_batches: 2\nval_batches: 1\nlr: 0.002\neval_count_split: test\n"
-                   "eval_count_images: 3\nsynthetic_num_test: 4\neval_count_tta_shift: 4\n"
-                   "ordering: left_to_right\ntie_tolerance: 100\n")  # every unmarked object an alternative
+                   "eval_count_images: 3\nsynthetic_num_test: 4\neval_count_tta_shift: 4\n")
     out = tmp_path / "run"
     proc = run_train(out, "--config", str(cfg), "--lr", "0.001")
     saved = json.loads((out / "config.json").read_text())
     assert saved["train_batches"] == 2 and saved["lr"] == 0.001 and saved["config"] == str(cfg)
-    regression = json.loads((out / "checkpoints" / "last" / "regression_config.json").read_text())
-    assert (regression["ordering"], regression["tie_tolerance"]) == ("left_to_right", 100.0)
     res = json.loads((out / "results.json").read_text())
     assert res["count_eval"]["split"] == "test" and res["count_eval"]["num_images"] == 3
     assert len(list((out / "count_examples").glob("*.png"))) == 3
