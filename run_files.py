@@ -84,7 +84,8 @@ def results(state, status, trainable, t_start):
     hist = state["history"]
     return {"status": status, "best_val_loss": state["best_val_loss"], "best_epoch": state["best_epoch"],
             "final_val_loss": hist[-1]["val/loss"] if hist else None, "epochs_completed": state["epoch"],
-            "step": state["step"], "trainable_params": trainable, "baseline_val_loss": state["baseline_val_loss"],
+            "step": state["step"], "epochs_planned": state.get("planned_epochs"), "trainable_params": trainable,
+            "baseline_val_loss": state["baseline_val_loss"],
             "wall_time_s": time.time() - t_start}
 
 
@@ -99,7 +100,7 @@ def write_results(run_dir, res):
 def new_state():
     """What a checkpoint saves as state.json, and a run resumes from."""
     return {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best_val_loss": None, "best_epoch": None,
-            "baseline_val_loss": None, "history": [], "epoch_sums": None}
+            "baseline_val_loss": None, "history": [], "epoch_sums": None, "planned_epochs": None}
 
 
 def checkpoint_problem(ckpt_dir):

@@ -91,6 +91,10 @@ def parse_args(argv=None):
     g.add_argument("--coord_loss", default="mse", choices=mvr.COORD_LOSSES, help="loss on x and y: mse, or l1 "
                    "(the median: commits to one object where MSE's mean lands between two)")
     g.add_argument("--warmup_steps", type=int, default=100, help="linear warmup, then cosine decay to 0")
+    g.add_argument("--max_minutes", type=float, default=0,
+                   help="wall-time budget of the run, training and the count at the end (0: none): at the end of "
+                        "warm-up the number of epochs, at most --epochs, is fixed from the measured speed, recorded in "
+                        "config.json and results.json, and kept by --resume (--epochs N reruns it without a budget)")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the global gradient norm; 0 = off")
     g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW's, on every trainable parameter")
     g.add_argument("--seed", type=int, default=42, help="data order, samples and initialisation")
@@ -153,6 +157,11 @@ def check_args(p, args):
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value > 0):
             p.error(f"--{name} must be a positive number, got {value}")
+    if not (math.isfinite(args.max_minutes) and args.max_minutes >= 0):
+        p.error(f"--max_minutes must be >= 0, got {args.max_minutes}")
+    if args.max_minutes and args.warmup_steps < 2:
+        p.error("--max_minutes needs --warmup_steps >= 2: the speed is measured during warm-up, whose learning rates "
+                "do not depend on the number of epochs")
     for name in ("max_grad_norm", "weight_decay"):
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
             p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
@@ -314,6 +323,8 @@ class Run:
     val_loader: object = None
     window: LogWindow = None
     flow_checked: bool = False  # the gradient-flow check runs on a run's first optimizer step only
+    config: dict = None  # config.json's content (rank 0)
+    speed_mark: tuple = None  # --max_minutes: (time, step) at this process's first optimizer step
 
     @property
     def is_main(self):
@@ -331,6 +342,7 @@ def start_run_files(run, resume_dir, mlp_lr):
                   versions=mvr.library_versions(), git_commit=run_files.git_commit(),
                   command=" ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]))
     run_files.write_config(args.output_dir, config)
+    run.config = config
     run_files.trim_metrics(args.output_dir, resume_dir, run.state["step"])
     return run_files.init_wandb(args, config, args.output_dir)
 
@@ -354,6 +366,94 @@ def checkpoint(run, best=False):
     if run.is_main:
         run_files.save_checkpoint(run.args.output_dir, run.raw_model, run.processor, run.optimizer, run.scheduler,
                                   run.state, best, rank_rng)
+
+
+# -----------------------------------------------------------------------------
+# --max_minutes: the number of epochs fixed at the end of warm-up from the measured speed
+
+BUDGET_SHARE = 0.95  # epochs are planned on 95% of the budget: checkpoints, W&B images, estimates' errors the rest
+COUNT_OVERHEAD = 1.5  # a counting step's batch against a validation batch: marks drawn, shifted images encoded
+
+
+def decision_step(args, train_batches):
+    """The optimizer step at which --max_minutes fixes the epochs: the end of warm-up, or of the first epoch if
+    sooner. Learning rates up to there do not depend on the number of epochs."""
+    return min(args.warmup_steps, math.ceil(train_batches / args.grad_accum))
+
+
+def set_epochs(run, epochs):
+    """Train `epochs` epochs in all, the cosine schedule ending at 0 on the last step."""
+    args = run.args
+    args.epochs = run.state["planned_epochs"] = epochs
+    total = math.ceil(run.data.train_batches / args.grad_accum) * epochs
+    run.scheduler.lr_lambdas = [lr_lambda(args.warmup_steps, total)] * len(run.scheduler.lr_lambdas)
+
+
+def validation_batch_seconds(run, batches=2):
+    """Seconds per validation batch (collate and a forward pass without gradients), measured on a few of them."""
+    model, n, t = run.raw_model, 0, time.time()
+    model.eval()
+    with torch.no_grad():
+        for batch in run.val_loader:
+            model(**train_data.to_device(batch, run.accelerator.device))
+            n += 1
+            if n == batches:
+                break
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    model.train()
+    return (time.time() - t) / max(1, n)
+
+
+def plan_epochs(run, step_s):
+    """The number of epochs (at least 1, at most --epochs) whose training, validations and the count at the end fit
+    BUDGET_SHARE of --max_minutes from the run's start, at `step_s` seconds per optimizer step; and the estimates."""
+    args, d, state = run.args, run.data, run.state
+    val_s = validation_batch_seconds(run)
+    steps_per_epoch = math.ceil(d.train_batches / args.grad_accum)
+    epoch_s = steps_per_epoch * step_s + len(run.val_loader) * val_s
+    count_s = 0.0
+    if args.eval_count_images:
+        import evaluate_vlm_regression as ev
+
+        steps = float(np.mean([len(r.points) for r in d.train_records])) + 1  # each object, then the stop
+        passes = len(ev.shift_offsets(args.eval_count_tta_shift))
+        count_s = math.ceil(args.eval_count_images / args.batch_size) * steps * passes * val_s * COUNT_OVERHEAD
+    first_epoch_left = (steps_per_epoch * (state["epoch"] + 1) - state["step"]) * step_s + len(run.val_loader) * val_s
+    left = args.max_minutes * 60 * BUDGET_SHARE - (time.time() - run.t_start) - count_s - first_epoch_left
+    epochs = int(max(1, min(args.epochs, state["epoch"] + 1 + left // epoch_s)))
+    return epochs, {"step_s": step_s, "val_batch_s": val_s, "epoch_s": epoch_s, "count_s": count_s}
+
+
+def fit_epochs_to_budget(run, bar):
+    """--max_minutes, after each optimizer step until the decision step: mark this process's first step, then at the
+    decision step plan the epochs from the speed since that mark (rank 0's plan, on every rank), end the schedule
+    there and record it in config.json and W&B."""
+    args, state = run.args, run.state
+    if run.speed_mark is None:
+        run.speed_mark = (time.time(), state["step"])
+        return
+    if state["step"] < decision_step(args, run.data.train_batches):
+        return
+    t0, s0 = run.speed_mark
+    plan = [plan_epochs(run, (time.time() - t0) / (state["step"] - s0)) if run.is_main else None]
+    if run.accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(plan, from_process=0)
+    epochs, est = plan[0]
+    limit = args.epochs
+    set_epochs(run, epochs)
+    bar.set_description(f"epoch {state['epoch'] + 1}/{epochs}")
+    run.log(f"--max_minutes {args.max_minutes:g}: {est['step_s']:.3f} s a step, {est['epoch_s']:.0f} s an epoch with "
+            f"its validation" + (f", the count about {est['count_s']:.0f} s" if est["count_s"] else "") +
+            f": {epochs} epochs (at most {limit}), {math.ceil(run.data.train_batches / args.grad_accum) * epochs} "
+            f"steps")
+    if run.is_main:
+        run.config.update(epochs=epochs, epochs_limit=limit, max_minutes_plan=est)
+        run_files.write_config(args.output_dir, run.config)
+        if run.wandb is not None:
+            run.wandb.config.update({"epochs": epochs, "epochs_limit": limit}, allow_val_change=True)
 
 
 # -----------------------------------------------------------------------------
@@ -404,6 +504,8 @@ def after_optimizer_step(run, epoch, batch_index, grad_norm, stop, bar):
     checkpoint and exit 75; a mid-epoch checkpoint every --checkpoint_every steps."""
     args, state = run.args, run.state
     state["step"] += 1
+    if args.max_minutes and state["planned_epochs"] is None:
+        fit_epochs_to_budget(run, bar)
     last_batch = batch_index + 1 == run.data.train_batches
     if state["step"] % args.log_every == 0 or last_batch:
         log_train_line(run, epoch, grad_norm, bar)
@@ -614,6 +716,12 @@ def main(args):
     if resume_dir:
         run_files.load_trained_weights(model, resume_dir)
         state = run_files.load_training_state(resume_dir, optimizer, scheduler, rank, world)
+        state.setdefault("planned_epochs", None)  # a checkpoint from before --max_minutes
+        if args.max_minutes and state["planned_epochs"] is None and state["step"] >= decision_step(args,
+                                                                                                   d.train_batches):
+            raise run_files.RunError(f"--resume {resume_dir}: --max_minutes fixes the epochs at the end of warm-up, "
+                                     f"and this run passed it (step {state['step']}) without a budget: resume it "
+                                     f"without --max_minutes")
         log(f"resumed from {os.path.realpath(resume_dir)}: epoch {state['epoch']}, batch {state['batch_in_epoch']}, "
             f"step {state['step']}")
 
@@ -625,6 +733,8 @@ def main(args):
     model, optimizer = accelerator.prepare(model, optimizer)
     run = Run(args, accelerator, log, d, model, accelerator.unwrap_model(model), processor, collate, optimizer,
               scheduler, state, trainable, preempt, t_start)
+    if state["planned_epochs"] is not None:  # resumed: the epochs --max_minutes fixed before, whatever it says now
+        set_epochs(run, state["planned_epochs"])
 
     # ---- run files, and the baseline every validation loss is compared with
     run.wandb = start_run_files(run, resume_dir, mlp_lr)
@@ -641,9 +751,9 @@ def main(args):
     run.window = LogWindow()
     run.val_loader = train_data.make_loader(d.val_ds, d.val_shard, args.batch_size, collate, args.num_workers,
                                             args.seed)
-    for epoch in range(state["epoch"], args.epochs):
-        totals = train_epoch(run, epoch)
-        end_epoch(run, epoch, totals)
+    while state["epoch"] < args.epochs:  # --max_minutes fixes args.epochs during the first epoch
+        totals = train_epoch(run, state["epoch"])
+        end_epoch(run, state["epoch"], totals)
 
     # ---- finish
     return finish(run)

@@ -192,6 +192,8 @@ def test_a_full_disk_is_one_line_and_leaves_no_temp_files(tmp_path):
     (["--grad_accum", "0"], "--grad_accum must be >= 1"),
     (["--mlp_lr", "0"], "--mlp_lr must be a positive number"),
     (["--max_grad_norm", "nan"], "--max_grad_norm must be >= 0"),
+    (["--max_minutes", "-1"], "--max_minutes must be >= 0"),
+    (["--max_minutes", "9", "--warmup_steps", "1"], "--max_minutes needs --warmup_steps >= 2"),
     (["--synthetic_min_count", "5", "--synthetic_max_count", "2"], "--synthetic_max_count (2) must be >="),
 ])
 def test_training_arguments_are_checked(argv, words, capsys):

@@ -1,5 +1,5 @@
-"""Training: learning, output files, resume after SIGKILL, SIGTERM checkpoint, W&B offline files, safety checks,
-the arguments' old spellings."""
+"""Training: learning, output files, resume after SIGKILL, --max_minutes, SIGTERM checkpoint, W&B offline files,
+safety checks, the arguments' old spellings."""
 import glob
 import json
 import os
@@ -133,6 +133,38 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert [r[k] for r in b for k in keys] == pytest.approx([r[k] for r in a for k in keys], rel=1e-5)
     ra, rb = (json.loads((d / "results.json").read_text()) for d in (tmp_path / "straight", out))
     assert rb["best_val_loss"] == pytest.approx(ra["best_val_loss"], rel=1e-5) and rb["step"] == ra["step"]
+
+
+def test_max_minutes_fixes_the_epochs_at_the_end_of_warmup_and_a_resume_keeps_them(tmp_path):
+    """--max_minutes: the epochs that fit the budget (at most --epochs) are fixed at the end of warm-up, recorded in
+    config.json, state.json and results.json, and the cosine schedule ends at 0 on their last step; a run resumed
+    after that keeps them whatever budget it is given; a run that passed warm-up without a budget is refused one."""
+    budget = ["--epochs", "1000", "--train_batches", "10", "--val_batches", "1", "--warmup_steps", "5",
+              "--checkpoint_every", "3"]
+    out = tmp_path / "budget"
+    run_train(out, *budget, "--max_minutes", "0.2")
+    res, cfg = (json.loads((out / name).read_text()) for name in ("results.json", "config.json"))
+    planned = res["epochs_planned"]
+    assert 1 <= planned < 1000 and res["epochs_completed"] == cfg["epochs"] == planned and cfg["epochs_limit"] == 1000
+    assert res["step"] == 10 * planned
+    lrs = [r["lr/vlm"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "lr/vlm" in r]
+    assert lrs[-1] == 0.0 and max(lrs) > 0  # the schedule ran to its end on the planned steps
+
+    killed = tmp_path / "killed"
+    state = kill_after_checkpoint(killed, budget + ["--max_minutes", "0.3"], step=6)  # decided at step 5
+    kept = json.loads(state.read_text())["planned_epochs"]
+    assert kept is not None and json.loads(state.read_text())["step"] < 10 * kept
+    run_train(killed, *budget, "--max_minutes", "10", "--resume")  # a budget for 1000 epochs: the plan stands
+    res = json.loads((killed / "results.json").read_text())
+    assert res["status"] == "completed" and res["epochs_completed"] == res["epochs_planned"] == kept
+
+    plain = tmp_path / "plain"
+    run_train(plain, "--epochs", "1", "--train_batches", "10", "--val_batches", "1", "--warmup_steps", "5")
+    before = (plain / "results.json").read_text()
+    proc = run_train(plain, "--epochs", "1", "--train_batches", "10", "--val_batches", "1", "--warmup_steps", "5",
+                     "--max_minutes", "5", "--resume", check=False)
+    assert proc.returncode == 2 and "without a budget" in proc.stderr.strip().splitlines()[-1]
+    assert (plain / "results.json").read_text() == before
 
 
 def test_sigterm_saves_a_loadable_checkpoint_and_resume_completes(tmp_path):
