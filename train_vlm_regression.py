@@ -324,7 +324,7 @@ class Run:
     window: LogWindow = None
     flow_checked: bool = False  # the gradient-flow check runs on a run's first optimizer step only
     config: dict = None  # config.json's content (rank 0)
-    speed_mark: tuple = None  # --max_minutes: (time, step) at this process's first optimizer step
+    step_times: list = field(default_factory=list)  # --max_minutes: (time, step) after each step until the decision
 
     @property
     def is_main(self):
@@ -372,7 +372,7 @@ def checkpoint(run, best=False):
 # --max_minutes: the number of epochs fixed at the end of warm-up from the measured speed
 
 BUDGET_SHARE = 0.95  # epochs are planned on 95% of the budget: checkpoints, W&B images, estimates' errors the rest
-COUNT_OVERHEAD = 1.5  # a counting step's batch against a validation batch: marks drawn, shifted images encoded
+COUNT_OVERHEAD = 1.0  # a counting batch against a validation batch: marks drawn, but fewer images as counts end
 
 
 def decision_step(args, train_batches):
@@ -426,17 +426,15 @@ def plan_epochs(run, step_s):
 
 
 def fit_epochs_to_budget(run, bar):
-    """--max_minutes, after each optimizer step until the decision step: mark this process's first step, then at the
-    decision step plan the epochs from the speed since that mark (rank 0's plan, on every rank), end the schedule
-    there and record it in config.json and W&B."""
+    """--max_minutes, after each optimizer step until the decision step: note the time; at the decision step plan
+    the epochs from the speed of this process's steps, its first quarter left out as warm-up of the caches and the
+    allocator (rank 0's plan, on every rank), end the schedule there and record it in config.json and W&B."""
     args, state = run.args, run.state
-    if run.speed_mark is None:
-        run.speed_mark = (time.time(), state["step"])
+    run.step_times.append((time.time(), state["step"]))
+    if state["step"] < decision_step(args, run.data.train_batches) or len(run.step_times) < 2:
         return
-    if state["step"] < decision_step(args, run.data.train_batches):
-        return
-    t0, s0 = run.speed_mark
-    plan = [plan_epochs(run, (time.time() - t0) / (state["step"] - s0)) if run.is_main else None]
+    (t0, s0), (t1, s1) = run.step_times[(len(run.step_times) - 1) // 4], run.step_times[-1]
+    plan = [plan_epochs(run, (t1 - t0) / (s1 - s0)) if run.is_main else None]
     if run.accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 

@@ -44,7 +44,8 @@ def row(seed, out_dir, wall):
         epochs = [m for m in map(json.loads, f) if m.get("epoch_end")]
     best = min(epochs, key=lambda m: m["val/loss"])
     return {
-        "seed": seed, "wall_s": None if wall is None else round(wall, 1),
+        "seed": seed, "wall_s": None if wall is None else round(wall, 1), "epochs": r["epochs_completed"],
+        "steps": r["step"],
         "train_s": round(r["wall_time_s"] - c["seconds"], 1), "count_s": round(c["seconds"], 1),
         "best_val_loss": r["best_val_loss"], "baseline_val_loss": r["baseline_val_loss"],
         "val_pixel_error_at_best": best.get("val/pixel_error"),
@@ -69,11 +70,12 @@ def main(argv=None):
     if args.json:
         print(json.dumps({"rows": rows, "extra_args": extra}, indent=2))
         return
-    print("seed  train s  count s  val px  MAE   baseline  ratio  F1    stopped by head  point px (match radius)")
+    print("seed  epochs  train s  count s  val px  MAE   baseline  ratio  F1    by head  point px (radius)")
     for r in rows:
-        print(f"{r['seed']:>4}  {r['train_s']:>7.0f}  {r['count_s']:>7.0f}  {r['val_pixel_error_at_best']:>6.1f}  "
+        print(f"{r['seed']:>4}  {r['epochs']:>6}  {r['train_s']:>7.0f}  {r['count_s']:>7.0f}  "
+              f"{r['val_pixel_error_at_best']:>6.1f}  "
               f"{r['mae']:.3f} {r['baseline_mae']:>8.3f}  {r['mae_ratio']:>5.2f}  {r['f1']:.2f}  "
-              f"{r['stopped_by_head']:>15.0%}  {r['point_px_median']:.1f} ({r['match_radius_px']:.0f})")
+              f"{r['stopped_by_head']:>7.0%}  {r['point_px_median']:.1f} ({r['match_radius_px']:.0f})")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ def test_demo_seeds_reports_each_seed_and_reuses_a_finished_run(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     rows = json.loads(first.stdout)["rows"]
     assert len(rows) == 1 and rows[0]["seed"] == 3 and rows[0]["count_images"] == 3 and rows[0]["wall_s"] > 0
+    assert rows[0]["epochs"] == 1 and rows[0]["steps"] == 2  # --epochs 1 caps the demo's --max_minutes plan
     assert rows[0]["mae"] >= 0 and rows[0]["baseline_mae"] > 0 and rows[0]["match_radius_px"] == 8.0
     assert json.loads((tmp_path / "seed-3" / "config.json").read_text())["seed"] == 3
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
