@@ -341,6 +341,9 @@ def start_run_files(run, resume_dir, mlp_lr):
                   num_train_records=len(d.train_ds), num_val_samples=len(d.val_order), skipped=d.skipped,
                   versions=mvr.library_versions(), git_commit=run_files.git_commit(),
                   command=" ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]))
+    if run.state.get("budget_plan"):  # resumed after --max_minutes planned: config.json keeps the plan
+        config.update(epochs_limit=run.state["budget_plan"]["epochs_limit"],
+                      max_minutes_plan=run.state["budget_plan"]["estimates"])
     run_files.write_config(args.output_dir, config)
     run.config = config
     run_files.trim_metrics(args.output_dir, resume_dir, run.state["step"])
@@ -442,6 +445,7 @@ def fit_epochs_to_budget(run, bar):
     epochs, est = plan[0]
     limit = args.epochs
     set_epochs(run, epochs)
+    state["budget_plan"] = {"epochs_limit": limit, "estimates": est}
     bar.set_description(f"epoch {state['epoch'] + 1}/{epochs}")
     run.log(f"--max_minutes {args.max_minutes:g}: {est['step_s']:.3f} s a step, {est['epoch_s']:.0f} s an epoch with "
             f"its validation" + (f", the count about {est['count_s']:.0f} s" if est["count_s"] else "") +

@@ -157,6 +157,8 @@ def test_max_minutes_fixes_the_epochs_at_the_end_of_warmup_and_a_resume_keeps_th
     run_train(killed, *budget, "--max_minutes", "10", "--resume")  # a budget for 1000 epochs: the plan stands
     res = json.loads((killed / "results.json").read_text())
     assert res["status"] == "completed" and res["epochs_completed"] == res["epochs_planned"] == kept
+    cfg = json.loads((killed / "config.json").read_text())
+    assert cfg["epochs"] == kept and cfg["epochs_limit"] == 1000 and cfg["max_minutes_plan"]["step_s"] > 0
 
     plain = tmp_path / "plain"
     run_train(plain, "--epochs", "1", "--train_batches", "10", "--val_batches", "1", "--warmup_steps", "5")
