@@ -766,6 +766,8 @@ def _safe_name(s):
 def main(argv=None):
     args = parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        utils.keep_freed_memory()
     if args.images:
         print(f"counting {args.object} with {os.path.realpath(args.checkpoint_dir)}, device {device}",
               file=sys.stderr)

@@ -684,6 +684,8 @@ def main(args):
     t_start = time.time()
     # cpu=True is what makes accelerate use gloo for a multi-process CPU run (torchrun without GPUs)
     accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum, cpu=not torch.cuda.is_available())
+    if accelerator.device.type == "cpu":
+        utils.keep_freed_memory()  # ~7% more steps/s on CPU; the arithmetic is the same
     is_main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     log = (lambda *a: tqdm.write(" ".join(str(x) for x in a))) if is_main else (lambda *a: None)
     set_seed(args.seed)  # the same initialisation on every rank

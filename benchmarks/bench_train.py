@@ -6,6 +6,7 @@ backward, clipping, AdamW, scheduler) against a bare forward+backward of the sam
     python benchmarks/bench_train.py --model_name Qwen/Qwen3-VL-4B-Thinking --random_weights --batch_size 4
     python benchmarks/bench_train.py --model_name Qwen/Qwen3-VL-4B-Thinking --random_weights --gradient_checkpointing
     python benchmarks/bench_train.py --model_name Qwen/Qwen3-VL-4B-Thinking --random_weights --load_in_4bit
+    python benchmarks/bench_train.py --model_name tiny --batch_size 8 --malloc default   # glibc's own thresholds
 
 --random_weights builds the architecture from its config (bundled for the 4B) with random weights, so no download
 is needed; speed and memory are those of the real model. Data: the synthetic set at --image_size (square images,
@@ -29,6 +30,7 @@ import dataset as data  # noqa: E402
 import model_vlm_regression as mvr  # noqa: E402
 import train_data  # noqa: E402
 import train_vlm_regression as tr  # noqa: E402
+import utils  # noqa: E402
 from synthetic_data import SyntheticConfig  # noqa: E402
 from tiny_model import TINY_NAMES, random_weights_dir  # noqa: E402
 
@@ -94,10 +96,14 @@ def main(argv=None):
     # ---- Timing
     p.add_argument("--steps", type=int, default=20, help="timed steps of each kind")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, kernels, caches)")
+    p.add_argument("--malloc", default="keep", choices=("keep", "default"),
+                   help="on CPU, keep: freed memory stays in the process, as training runs (utils.keep_freed_memory); "
+                        "default: glibc's thresholds")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    kept = device == "cpu" and args.malloc == "keep" and utils.keep_freed_memory()
     if args.num_workers is None:
         args.num_workers = train_data.default_num_workers()
     name = random_weights_dir(args.model_name) if args.random_weights else args.model_name
@@ -122,7 +128,8 @@ def main(argv=None):
         "model": args.model_name, "random_weights": args.random_weights, "device": device,
         "device_name": torch.cuda.get_device_name() if device == "cuda" else f"{os.cpu_count()} CPU cores",
         "dtype": str(mvr.DTYPES[args.dtype] or mvr.default_dtype(device)), "load_in_4bit": args.load_in_4bit,
-        "gradient_checkpointing": args.gradient_checkpointing, "batch_size": args.batch_size,
+        "gradient_checkpointing": args.gradient_checkpointing, "keep_freed_memory": kept,
+        "batch_size": args.batch_size,
         "image_size": size, "tokens_per_sample": int(batch["input_ids"].shape[1]),
         "full_step_ms": round(full_ms, 1), "bare_fwd_bwd_ms": round(bare_ms, 1),
         "ratio": round(full_ms / bare_ms, 3), "data_wait_share": round(sum(wait) / sum(full), 3),

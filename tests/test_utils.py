@@ -1,5 +1,9 @@
-"""Geometry and drawing: the coordinate convention, numbered marks, the counting order, and the atomic writes."""
+"""Geometry and drawing: the coordinate convention, numbered marks, the counting order, the atomic writes, and how a
+CPU run keeps its freed memory."""
 import os
+import platform
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -136,3 +140,38 @@ def test_atomic_write_replaces_the_file_whole(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# ----------------------------------------------------------------------------- the process
+
+MMAPS_PROBE = """
+import ctypes, sys
+sys.path.insert(0, {root!r})
+import utils
+libc = ctypes.CDLL(None)
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def mmapped(n):  # 1 when malloc(n) was served by its own mmap
+    before = libc.mallinfo2().hblks
+    p = libc.malloc(n)
+    after = libc.mallinfo2().hblks
+    libc.free(p)
+    return after - before
+kept = utils.keep_freed_memory() if sys.argv[1] == "keep" else None
+print(kept, mmapped(4 << 20), mmapped(64 << 20))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+@pytest.mark.parametrize("mode", ["default", "keep"])
+def test_keep_freed_memory_serves_activations_from_the_heap(mode):
+    """After keep_freed_memory, a 4 MiB block (an activation of the demo's step) comes from the heap, not a fresh
+    mmap, while a 64 MiB one (a large weight) still gets its own mmap; without it, both are mmapped. Run in a fresh
+    process: the settings are process-wide."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", MMAPS_PROBE.format(root=root), mode], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == (["True", "0", "1"] if mode == "keep" else ["None", "1", "1"])
