@@ -248,8 +248,9 @@ def _forward(model, processor, images, active, ordering, device):
 def _predict(model, processor, active, ordering, device, tta_shift=0):
     """(normalized (B, 2) points, (B,) stop probabilities or None) of the model, or of counting.Oracle, for the
     active counting states. With tta_shift, each state is predicted on its image moved by each of shift_offsets
-    (the ViT's patch grid then falls elsewhere on the objects) and each point moved back; the point is their median
-    per axis (what the L1-trained heads themselves answer under doubt), the stop probability their mean."""
+    (the ViT's patch grid then falls elsewhere on the objects) and each point moved back; the point is the median of
+    their largest group within the image's mark radius (utils.densest_point: where the moves disagree on which object
+    is next, the majority's), the stop probability their mean."""
     if isinstance(model, counting.Oracle):
         return model.predict(active)
     if not tta_shift:
@@ -260,7 +261,8 @@ def _predict(model, processor, active, ordering, device, tta_shift=0):
         points, p = _forward(model, processor, moved, active, ordering, device)
         xy.append([utils.denormalize_points(q, *s["size"])[0] - (dx, dy) for q, s in zip(points, active)])
         p_done.append(p)
-    xy = np.median(np.asarray(xy, np.float64), axis=0)  # (B, 2) pixels
+    xy = np.asarray(xy, np.float64)  # (moves, B, 2) pixels
+    xy = np.stack([utils.densest_point(xy[:, j], s["mark_radius"]) for j, s in enumerate(active)])
     points = np.stack([utils.normalize_points(q, *s["size"])[0] for q, s in zip(xy, active)])
     return points, (None if p_done[0] is None else np.mean(p_done, axis=0))
 
@@ -329,7 +331,7 @@ def count_records(model, processor, records, *, ordering=None, min_pixels=None, 
     repeat rule's radius) None = from the protocol's scale; match_radius None = the image's mark radius
     (utils.mark_radius). Distances are pixels of the model-input frame; reported points are in the original frame.
     ordering/min_pixels/max_pixels None = the model's training config. tta_shift PX > 0: each step predicts on the
-    image moved by 0 and +-PX px (9 forward passes) and counts the median point (_predict).
+    image moved by 0 and +-PX px (9 forward passes) and counts the point most of them agree on (_predict).
     """
     ordering, min_pixels, max_pixels = _data_settings(model, ordering, min_pixels, max_pixels)
     stop_rule, mark_style = protocol_settings(model, stop_rule, mark_style)

@@ -249,12 +249,12 @@ def test_shift_image_moves_the_content_and_repeats_the_edge():
 class ShiftSeeingModel(torch.nn.Module):
     """Stand-in for a model that sees where things are: it recognises which of shift_offsets' moves its image got
     (by its exact pixels, from the real image processor) and answers a point that moves with the image: object A
-    for five of the moves, object B for the other four, as a model unsure of which object is next would."""
+    for four of the moves, B for three and C for two, as a model unsure of which object is next would."""
 
-    def __init__(self, processor, image, shift, a, b):
+    def __init__(self, processor, image, shift, a, b, c):
         super().__init__()
         self.anchor = torch.nn.Parameter(torch.zeros(()))
-        self.a, self.b, self.size, self.calls = np.array(a), np.array(b), image.size, []
+        self.objects, self.size, self.calls = [np.array(a)] * 4 + [np.array(b)] * 3 + [np.array(c)] * 2, image.size, []
         self.moves = ev.shift_offsets(shift)
         self.seen = {(dx, dy): processor.image_processor(images=[ev.shift_image(image, dx, dy)],
                                                          return_tensors="pt")["pixel_values"] for dx, dy in self.moves}
@@ -262,19 +262,20 @@ class ShiftSeeingModel(torch.nn.Module):
     def forward(self, pixel_values, **_ignored):
         (move,) = [m for m, px in self.seen.items() if torch.equal(px, pixel_values)]
         self.calls.append(move)
-        target = self.a if self.moves.index(move) % 2 == 0 else self.b  # 5 of the 9 moves see A
+        target = self.objects[self.moves.index(move)]
         xy = utils.normalize_points(target + move, *self.size)[0]
         return torch.tensor([[*xy, -10.0]])  # stop logit: keep counting
 
 
-def test_test_time_shifts_move_each_point_back_and_take_the_median(tiny_processor, fixture_records):
+def test_test_time_shifts_move_each_point_back_and_take_the_largest_group(tiny_processor, fixture_records):
     """With tta_shift, each step predicts on the 9 moved images, moves each point back (a point that moved with the
-    image returns to where the object is) and counts the per-axis median: the majority's object, exactly."""
+    image returns to where the object is) and counts the largest group's object, exactly: A, seen by 4 moves, where
+    the per-axis median of all nine would take x from B and y from A, the point of the minority C."""
     rec = fixture_records[3]  # 64 x 64: its own model-input frame
     image = data.prepare_image(rec)[0]
-    model = ShiftSeeingModel(tiny_processor, image, 8, a=(20, 30), b=(44, 12))
+    model = ShiftSeeingModel(tiny_processor, image, 8, a=(10, 50), b=(50, 10), c=(50, 50))
     out = ev.count_records(model, tiny_processor, [rec], max_steps=1, tta_shift=8)
-    np.testing.assert_allclose(out["predictions"][0]["points"], [[20, 30]], atol=1e-3)
+    np.testing.assert_allclose(out["predictions"][0]["points"], [[10, 50]], atol=1e-3)
     assert sorted(model.calls) == sorted(ev.shift_offsets(8))  # each move once, for the one step
     assert out["metrics"]["forward_passes"] == 9 and out["metrics"]["settings"]["tta_shift"] == 8
 

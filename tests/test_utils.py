@@ -126,6 +126,19 @@ def test_nearest_neighbor_is_fast_on_fsc_largest_image():
     assert time.perf_counter() - t < 1.0  # the 200 ms target is measured in benchmarks/bench_data.py
 
 
+def test_densest_point_takes_the_largest_group():
+    """Guesses split 4 / 3 / 2 between three points: the largest group's point (with its jitter's median), where
+    the per-axis median of all would be (50, 50), the smallest group's; a tie goes to the group nearest the rest."""
+    rng = np.random.default_rng(0)
+    groups = [(10, 50)] * 4 + [(50, 10)] * 3 + [(50, 50)] * 2
+    pts = np.array(groups, float) + rng.uniform(-1, 1, (9, 2))
+    np.testing.assert_allclose(np.median(pts, axis=0), (50, 50), atol=1.5)
+    np.testing.assert_allclose(utils.densest_point(pts, 8), np.median(pts[:4], axis=0))
+    assert utils.densest_point(pts, 100).tolist() == np.median(pts, axis=0).tolist()  # one group: the plain median
+    tie = np.array([(0, 0), (0, 2), (30, 0), (30, 2), (20, 1)], float)  # two pairs; the fifth is nearer the second
+    np.testing.assert_allclose(utils.densest_point(tie, 3), (30, 1))
+
+
 # ----------------------------------------------------------------------------- files
 
 
