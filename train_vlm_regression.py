@@ -25,16 +25,18 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
-import torch
-from tqdm import tqdm
+STARTED = time.time()  # before the heavy imports (torch, transformers: 10-30 s), which the budget must count too
 
-import dataset as data
-import model_vlm_regression as mvr
-import run_files
-import train_data
-import utils
-from prompt import render_prompt
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import dataset as data  # noqa: E402
+import model_vlm_regression as mvr  # noqa: E402
+import run_files  # noqa: E402
+import train_data  # noqa: E402
+import utils  # noqa: E402
+from prompt import render_prompt  # noqa: E402
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint saved, resume me
 DEFAULT_SPLITS = {"synthetic": ("train", "val"), "fsc147": ("train", "val"), "omnicount": ("train", "valid")}
@@ -92,7 +94,8 @@ def parse_args(argv=None):
                    "(the median: commits to one object where MSE's mean lands between two)")
     g.add_argument("--warmup_steps", type=int, default=100, help="linear warmup, then cosine decay to 0")
     g.add_argument("--max_minutes", type=float, default=0,
-                   help="wall-time budget of the run, training and the count at the end (0: none): at the end of "
+                   help="wall-time budget of the run from the process's start, training and the count at the end "
+                        "(0: none): at the end of "
                         "warm-up the number of epochs, at most --epochs, is fixed from the measured speed, recorded in "
                         "config.json and results.json, and kept by --resume (--epochs N reruns it without a budget)")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the global gradient norm; 0 = off")
@@ -677,11 +680,13 @@ def finish(run):
 # main: the phases in order
 
 
-def main(args):
+def main(args, started=None):
+    """Train (and count) as args say. started: when the process began (run_main as a script: before the imports),
+    for --max_minutes and results.json's wall_time_s; None: now."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    t_start = time.time()
+    t_start = started or time.time()
     # cpu=True is what makes accelerate use gloo for a multi-process CPU run (torchrun without GPUs)
     accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum, cpu=not torch.cuda.is_available())
     if accelerator.device.type == "cpu":
@@ -766,14 +771,14 @@ def main(args):
 CLAIMED = set()  # output folders this process has taken (all checks passed): only there may it write `failed`
 
 
-def run_main(argv=None):
+def run_main(argv=None, started=None):
     """main(), with one-line errors: a refused start (exit 2), bad data or a failed write such as a full disk (exit
     1). An unexpected error in a run that had started leaves results.json saying `failed` and why, for the sweep
     tools; a start refused before that writes nothing, so a finished run in the folder keeps its files."""
     args = parse_args(argv)  # once: the default output_dir holds the time, a second parse could name another
     ours = lambda: os.path.abspath(args.output_dir) in CLAIMED  # noqa: E731
     try:
-        return main(args)
+        return main(args, started)
     except run_files.RunError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -793,4 +798,4 @@ def run_main(argv=None):
 
 
 if __name__ == "__main__":
-    run_main()
+    run_main(started=STARTED)
