@@ -95,9 +95,9 @@ def parse_args(argv=None):
     g.add_argument("--warmup_steps", type=int, default=100, help="linear warmup, then cosine decay to 0")
     g.add_argument("--max_minutes", type=float, default=0,
                    help="wall-time budget of the run from the process's start, training and the count at the end "
-                        "(0: none): at the end of "
-                        "warm-up the number of epochs, at most --epochs, is fixed from the measured speed, recorded in "
-                        "config.json and results.json, and kept by --resume (--epochs N reruns it without a budget)")
+                        "(0: none): at the end of warm-up the number of epochs, at most --epochs, is fixed from the "
+                        "measured speed, recorded in config.json and results.json, and kept by --resume (--epochs N "
+                        "reruns it without a budget)")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the global gradient norm; 0 = off")
     g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW's, on every trainable parameter")
     g.add_argument("--seed", type=int, default=42, help="data order, samples and initialisation")
