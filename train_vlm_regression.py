@@ -96,8 +96,8 @@ def parse_args(argv=None):
     g.add_argument("--max_minutes", type=float, default=0,
                    help="wall-time budget of the run from the process's start, training and the count at the end "
                         "(0: none): at the end of warm-up the number of epochs, at most --epochs, is fixed from the "
-                        "measured speed, recorded in config.json and results.json, and kept by --resume (--epochs N "
-                        "reruns it without a budget)")
+                        "measured speed and fitted again at the end of epochs 2-4 from their length; recorded in "
+                        "config.json and results.json, and kept by --resume (--epochs N reruns it without a budget)")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the global gradient norm; 0 = off")
     g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW's, on every trainable parameter")
     g.add_argument("--seed", type=int, default=42, help="data order, samples and initialisation")
@@ -328,6 +328,7 @@ class Run:
     flow_checked: bool = False  # the gradient-flow check runs on a run's first optimizer step only
     config: dict = None  # config.json's content (rank 0)
     step_times: list = field(default_factory=list)  # --max_minutes: (time, step) after each step until the decision
+    replan_from: list = None  # --max_minutes: when each epoch ended, in the process that planned (None: no re-plan)
 
     @property
     def is_main(self):
@@ -378,6 +379,8 @@ def checkpoint(run, best=False):
 # --max_minutes: the number of epochs fixed at the end of warm-up from the measured speed
 
 BUDGET_SHARE = 0.95  # epochs are planned on 95% of the budget: checkpoints, W&B images, estimates' errors the rest
+REPLAN_EPOCHS = 4  # the plan is revised at the end of epochs 2 to 4 from their measured length (cosine progress is
+# still small there, so the learning rate barely moves when the schedule's end does)
 COUNT_OVERHEAD = 1.0  # a counting batch against a validation batch: marks drawn, but fewer images as counts end
 
 
@@ -446,19 +449,50 @@ def fit_epochs_to_budget(run, bar):
 
         broadcast_object_list(plan, from_process=0)
     epochs, est = plan[0]
-    limit = args.epochs
-    set_epochs(run, epochs)
-    state["budget_plan"] = {"epochs_limit": limit, "estimates": est}
+    run.replan_from = [] if args.max_minutes else None
+    record_plan(run, epochs, args.epochs, est,
+                f"{est['step_s']:.3f} s a step, {est['epoch_s']:.0f} s an epoch with its validation" +
+                (f", the count about {est['count_s']:.0f} s" if est["count_s"] else ""))
     bar.set_description(f"epoch {state['epoch'] + 1}/{epochs}")
-    run.log(f"--max_minutes {args.max_minutes:g}: {est['step_s']:.3f} s a step, {est['epoch_s']:.0f} s an epoch with "
-            f"its validation" + (f", the count about {est['count_s']:.0f} s" if est["count_s"] else "") +
-            f": {epochs} epochs (at most {limit}), {math.ceil(run.data.train_batches / args.grad_accum) * epochs} "
-            f"steps")
+
+
+def record_plan(run, epochs, limit, est, why):
+    """Train `epochs` epochs (the cosine schedule ending on their last step): say so and why, and record it in the
+    state, config.json and W&B."""
+    args = run.args
+    set_epochs(run, epochs)
+    run.state["budget_plan"] = {"epochs_limit": limit, "estimates": est}
+    run.log(f"--max_minutes {args.max_minutes:g}: {why}: {epochs} epochs (at most {limit}), "
+            f"{math.ceil(run.data.train_batches / args.grad_accum) * epochs} steps")
     if run.is_main:
         run.config.update(epochs=epochs, epochs_limit=limit, max_minutes_plan=est)
         run_files.write_config(args.output_dir, run.config)
         if run.wandb is not None:
             run.wandb.config.update({"epochs": epochs, "epochs_limit": limit}, allow_val_change=True)
+
+
+def replan_epochs(run):
+    """--max_minutes, at the end of an epoch before its checkpoint: from epoch 2 to REPLAN_EPOCHS, fit the epochs to
+    the budget again from the measured length of the epochs since the first (training, validation, checkpoint),
+    which the first steps' speed only estimated. Only in the process that made the plan: a resumed run keeps its
+    epochs (rank 0's plan on every rank)."""
+    if run.replan_from is None:
+        return
+    run.replan_from.append(time.time())
+    done, est = run.state["epoch"], run.state["budget_plan"]["estimates"]
+    if not 2 <= done <= REPLAN_EPOCHS:
+        return
+    args, limit = run.args, run.state["budget_plan"]["epochs_limit"]
+    epoch_s = (run.replan_from[-1] - run.replan_from[0]) / (len(run.replan_from) - 1)
+    left = args.max_minutes * 60 * BUDGET_SHARE - (time.time() - run.t_start) - est["count_s"]
+    plan = [int(max(done, min(limit, done + left // epoch_s)))]
+    if run.accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(plan, from_process=0)
+    if plan[0] != args.epochs:
+        record_plan(run, plan[0], limit, dict(est, epoch_s=epoch_s),
+                    f"epochs {2 if done == 2 else f'2-{done}'} took {epoch_s:.1f} s each")
 
 
 # -----------------------------------------------------------------------------
@@ -590,6 +624,7 @@ def end_epoch(run, epoch, totals):
            "val/baseline_loss": state["baseline_val_loss"]}
     state["history"].append({k: row[k] for k in ("epoch", "step", "train/loss", "val/loss")})
     log_metrics(run, row)
+    replan_epochs(run)
     if run.wandb is not None and args.num_val_images:
         import wandb
 

@@ -169,6 +169,37 @@ def test_max_minutes_fixes_the_epochs_at_the_end_of_warmup_and_a_resume_keeps_th
     assert (plain / "results.json").read_text() == before
 
 
+def test_max_minutes_plan_is_revised_from_the_measured_epochs(tmp_path):
+    """At the end of epochs 2 to REPLAN_EPOCHS the plan is fitted again to the budget from how long the epochs since
+    the first took (the first steps' speed only estimated it): more epochs when they ran faster than planned, fewer
+    when slower; the schedule, state and config.json follow; later epochs and a resumed run keep the plan."""
+    from types import SimpleNamespace
+
+    logged = []
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([param], lr=1.0)
+    args = SimpleNamespace(max_minutes=10, epochs=30, grad_accum=1, warmup_steps=5, output_dir=str(tmp_path))
+    now = time.time()
+    run = SimpleNamespace(args=args, state={"epoch": 2, "planned_epochs": 30, "budget_plan": {
+        "epochs_limit": 100, "estimates": {"step_s": 0.1, "epoch_s": 20.0, "count_s": 30.0}}},
+        data=SimpleNamespace(train_batches=200), scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+        t_start=now - 100, replan_from=[now - 10], accelerator=SimpleNamespace(num_processes=1), is_main=True,
+        log=logged.append, config={}, wandb=None)
+    tr.replan_epochs(run)  # epoch 2 took 10 s: (570 - 100 - 30) s left hold 44 more
+    assert run.state["planned_epochs"] == args.epochs == json.loads((tmp_path / "config.json").read_text())["epochs"]
+    assert args.epochs in (45, 46) and "took 10.0 s" in logged[-1]
+    assert run.scheduler.lr_lambdas[0](200 * args.epochs) == 0.0 < run.scheduler.lr_lambdas[0](200 * args.epochs - 1)
+    run.state["epoch"], run.replan_from[:] = 3, [time.time() - 60, time.time() - 30]  # 30 s an epoch now: fewer
+    tr.replan_epochs(run)
+    assert run.state["planned_epochs"] == args.epochs < 45
+    kept = args.epochs
+    run.state["epoch"], run.replan_from[:] = tr.REPLAN_EPOCHS + 1, [time.time() - 100]
+    tr.replan_epochs(run)
+    run.state["epoch"], run.replan_from = 2, None  # a resumed run
+    tr.replan_epochs(run)
+    assert args.epochs == run.state["planned_epochs"] == kept
+
+
 def test_sigterm_saves_a_loadable_checkpoint_and_resume_completes(tmp_path):
     """SIGTERM: a checkpoint of the trained weights, results.json `preempted`, exit 75; --resume then completes."""
     out = tmp_path / "run"
