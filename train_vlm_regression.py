@@ -96,8 +96,9 @@ def parse_args(argv=None):
     g.add_argument("--max_minutes", type=float, default=0,
                    help="wall-time budget of the run from the process's start, training and the count at the end "
                         "(0: none): at the end of warm-up the number of epochs, at most --epochs, is fixed from the "
-                        "measured speed and fitted again at the end of epochs 2-4 from their length; recorded in "
-                        "config.json and results.json, and kept by --resume (--epochs N reruns it without a budget)")
+                        "measured speed and fitted again after each epoch until half of them from their length; "
+                        "recorded in config.json and results.json, and kept by --resume (--epochs N reruns it "
+                        "without a budget)")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the global gradient norm; 0 = off")
     g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW's, on every trainable parameter")
     g.add_argument("--seed", type=int, default=42, help="data order, samples and initialisation")
@@ -379,8 +380,8 @@ def checkpoint(run, best=False):
 # --max_minutes: the number of epochs fixed at the end of warm-up from the measured speed
 
 BUDGET_SHARE = 0.95  # epochs are planned on 95% of the budget: checkpoints, W&B images, estimates' errors the rest
-REPLAN_EPOCHS = 4  # the plan is revised at the end of epochs 2 to 4 from their measured length (cosine progress is
-# still small there, so the learning rate barely moves when the schedule's end does)
+REPLAN_SHARE = 0.5  # the plan is revised after each epoch from the second until this share of the planned ones (the
+# learning rate moves by a few percent when the schedule's end does there; near the end it would jump)
 COUNT_OVERHEAD = 1.0  # a counting batch against a validation batch: marks drawn, but fewer images as counts end
 
 
@@ -472,15 +473,15 @@ def record_plan(run, epochs, limit, est, why):
 
 
 def replan_epochs(run):
-    """--max_minutes, at the end of an epoch before its checkpoint: from epoch 2 to REPLAN_EPOCHS, fit the epochs to
-    the budget again from the measured length of the epochs since the first (training, validation, checkpoint),
-    which the first steps' speed only estimated. Only in the process that made the plan: a resumed run keeps its
-    epochs (rank 0's plan on every rank)."""
+    """--max_minutes, at the end of an epoch before its checkpoint: from epoch 2 until REPLAN_SHARE of the planned
+    epochs, fit the epochs to the budget again from the mean length of the epochs since the first (training,
+    validation, checkpoint), which the first steps' speed only estimated, and which a machine shared for a while
+    changes. Only in the process that made the plan: a resumed run keeps its epochs (rank 0's plan on every rank)."""
     if run.replan_from is None:
         return
     run.replan_from.append(time.time())
     done, est = run.state["epoch"], run.state["budget_plan"]["estimates"]
-    if not 2 <= done <= REPLAN_EPOCHS:
+    if not 2 <= done <= REPLAN_SHARE * run.args.epochs:
         return
     args, limit = run.args, run.state["budget_plan"]["epochs_limit"]
     epoch_s = (run.replan_from[-1] - run.replan_from[0]) / (len(run.replan_from) - 1)

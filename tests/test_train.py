@@ -170,7 +170,7 @@ def test_max_minutes_fixes_the_epochs_at_the_end_of_warmup_and_a_resume_keeps_th
 
 
 def test_max_minutes_plan_is_revised_from_the_measured_epochs(tmp_path):
-    """At the end of epochs 2 to REPLAN_EPOCHS the plan is fitted again to the budget from how long the epochs since
+    """At the end of each epoch from the second until REPLAN_SHARE of the planned ones, the plan is fitted again to the budget from how long the epochs since
     the first took (the first steps' speed only estimated it): more epochs when they ran faster than planned, fewer
     when slower; the schedule, state and config.json follow; later epochs and a resumed run keep the plan."""
     from types import SimpleNamespace
@@ -193,7 +193,7 @@ def test_max_minutes_plan_is_revised_from_the_measured_epochs(tmp_path):
     tr.replan_epochs(run)
     assert run.state["planned_epochs"] == args.epochs < 45
     kept = args.epochs
-    run.state["epoch"], run.replan_from[:] = tr.REPLAN_EPOCHS + 1, [time.time() - 100]
+    run.state["epoch"], run.replan_from[:] = int(tr.REPLAN_SHARE * kept) + 1, [time.time() - 100]
     tr.replan_epochs(run)
     run.state["epoch"], run.replan_from = 2, None  # a resumed run
     tr.replan_epochs(run)
@@ -297,3 +297,4 @@ def test_config_file_settings_and_the_count_at_the_end(tmp_path):
     bad = run_train(tmp_path / "bad", "--config", str(cfg), check=False)
     assert bad.returncode == 2 and "unknown setting(s) learning_rate" in bad.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "bad").exists()
+
