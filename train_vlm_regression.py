@@ -450,7 +450,7 @@ def fit_epochs_to_budget(run, bar):
 
         broadcast_object_list(plan, from_process=0)
     epochs, est = plan[0]
-    run.replan_from = [] if args.max_minutes else None
+    run.replan_from = []  # this process planned: it re-plans too
     record_plan(run, epochs, args.epochs, est,
                 f"{est['step_s']:.3f} s a step, {est['epoch_s']:.0f} s an epoch with its validation" +
                 (f", the count about {est['count_s']:.0f} s" if est["count_s"] else ""))
