@@ -171,6 +171,28 @@ def per_count_bin(predictions):
     return out
 
 
+STEP_BINS = ((1, 1), (2, 2), (3, 3), (4, 10), (11, 50), (51, 150), (151, None))  # which point of the count
+
+
+def per_step(predictions):
+    """{"1": {points, within_radius, median_px}, "2": ..., "4-10": ...} over STEP_BINS by the point's place in its
+    image's count (1 = the first point counted): how many k-th points there were, the share that landed within the
+    image's match radius of some object (unassigned: a repeat on one object counts for each point), and their median
+    distance to the nearest object. Does localisation hold as marks accumulate, or is one step the weak one?"""
+    out = {}
+    for lo, hi in STEP_BINS:
+        ok, near = [], []
+        for p in predictions:
+            d = p.get("nearest_object_px") or []
+            sel = d[lo - 1:hi]
+            near += sel
+            ok += [x <= p["match_radius_px"] for x in sel]
+        out[bin_label(lo, hi) if hi != lo else str(lo)] = {
+            "points": len(near), "within_radius": float(np.mean(ok)) if ok else None,
+            "median_px": float(np.median(near)) if near else None}
+    return out
+
+
 def per_group(predictions, key):
     """{group: error stats} for key(prediction) -> group name, plus mRMSE, the mean of the groups' RMSEs (the
     OmniCount paper's class-averaged RMSE)."""

@@ -154,6 +154,7 @@ def count_metrics(predictions, train_mean_count=None):
         "gt_count_mean": float(gt.mean()) if n else None,
         "pred_count_mean": float(pred.mean()) if n else None,
         "per_count_bin": counting.per_count_bin(predictions),
+        "per_step": counting.per_step([p for p in predictions if "match_radius_px" in p]),
         "per_object_type": counting.per_group(predictions, lambda p: p["object_type"]),
     }
     if any("/" in p["image"] for p in predictions):  # OmniCount ids are <category>/<split>/<file>

@@ -143,6 +143,18 @@ def test_metrics_per_count_bin_and_per_class():
     assert cls["mrmse"] == pytest.approx((np.sqrt(101 / 2) + np.sqrt(2500 / 2)) / 2)
 
 
+def test_metrics_per_step():
+    """per_step: the k-th points of all images, in counting order, against each image's own match radius."""
+    preds = [{"nearest_object_px": [1.0, 9.0, 2.0, 3.0, 30.0], "match_radius_px": 8.0},
+             {"nearest_object_px": [10.0], "match_radius_px": 12.0},
+             {"nearest_object_px": [], "match_radius_px": 8.0}]
+    s = counting.per_step(preds)
+    assert s["1"] == {"points": 2, "within_radius": 1.0, "median_px": 5.5}
+    assert s["2"] == {"points": 1, "within_radius": 0.0, "median_px": 9.0}
+    assert s["4-10"] == {"points": 2, "within_radius": 0.5, "median_px": 16.5}
+    assert s["11-50"] == {"points": 0, "within_radius": None, "median_px": None}
+
+
 def run_cli(*args):
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -161,6 +173,9 @@ def test_oracle_cli_on_a_dense_fsc147_set_and_marks_statistic(tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["mae"] == 0 and m["num_images"] == 5 and m["stop_reasons"] == {"done": 5}
     assert m["per_count_bin"]["501+"]["num_images"] == 2 and m["per_count_bin"]["501+"]["mae"] == 0
+    assert m["per_step"]["1"] == {"points": 5, "within_radius": 1.0, "median_px": 0.0}
+    assert m["per_step"]["151+"]["points"] == (400 - 150) + (1200 - 150) + (3731 - 150)
+    assert m["per_step"]["151+"]["within_radius"] == 1.0
     assert m["oracle"] == {"noise_px": 0.0} and m["checkpoint"] is None
     assert "by ground-truth count" in proc.stdout and (out / "vis").is_dir()
     stats = json.loads(run_cli("dataset.py", "--dataset", "fsc147", "--data_root", str(root), "--split", "test",
