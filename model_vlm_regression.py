@@ -239,6 +239,24 @@ def base_of(vlm):
     return vlm.get_base_model() if hasattr(vlm, "get_base_model") else vlm
 
 
+def attention_share_loss(q, k, cos, sin, scaling, rows, query_pos, image_pos, near):
+    """-log of the share of image attention that the queries at query_pos give to the image tokens marked `near`,
+    mean over heads, queries and rows: the language model's own attention logits (q and k after its norms, rotated as
+    the layer rotates them) restricted to the image tokens, whose softmax there is the share of the layer's attention
+    on the image that lands near the target. q (B, L, H, D), k (B, L, Hkv, D): q_norm's and k_norm's outputs; cos, sin
+    the layer's position embeddings; query_pos (B, Q); image_pos, near (B, N) index and mask of each row's image tokens
+    (rows must have the same number: one image size per batch, or the loss is skipped upstream)."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb
+
+    q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (B, H, L, D), (B, Hkv, L, D)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    qs = q[rows[:, None], :, query_pos]  # (B, Q, H, D)
+    ks = k[rows[:, None], :, image_pos]  # (B, N, H, D)
+    logits = torch.einsum("bqhd,bnhd->bqhn", qs.float(), ks.float()) * scaling
+    near = near[:, None, None, :]
+    return (logits.logsumexp(-1) - logits.masked_fill(~near, float("-inf")).logsumexp(-1)).mean()
+
+
 class VLMRegressionModel(nn.Module):
     """A peft-wrapped Qwen3-VL plus fp32 heads; forward(**batch) -> (B, 2) predictions in [-1, 1], or (B, 3) with
     the stop head's logit ("all objects are marked") as the third column.
@@ -276,12 +294,38 @@ class VLMRegressionModel(nn.Module):
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         return rows, (input_ids == self.x_token_id).int().argmax(1), (input_ids == self.y_token_id).int().argmax(1)
 
-    def forward(self, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, **_ignored):
+    def forward(self, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, targets=None,
+                done=None, **_ignored):
+        """(B, 2|3) predictions. With targets (B, 2) and done (B,) in training, and attention_loss set, it also keeps
+        self.attention_loss: attention_share_loss of <x> and <y> in the last layer towards the image tokens within
+        3/4 of a token of the target, over the samples with an object left (None when there is none)."""
         rows, x_pos, y_pos = self.token_positions(input_ids)
         backbone = base_of(self.vlm).model  # Qwen3VLModel: last_hidden_state is after the final norm
         vision_dtype = backbone.visual.patch_embed.proj.weight.dtype
-        out = backbone(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values.to(vision_dtype),
-                       image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids, use_cache=False)
+        self.attention_loss, seen, hooks = None, {}, []
+        if self.training and targets is not None and self.config.get("attention_loss"):
+            attn = backbone.language_model.layers[-1].self_attn
+
+            def keep(name):  # the first call's output (checkpointing's recompute in backward calls again)
+                def hook(_m, _args, out):
+                    seen.setdefault(name, out)
+                return hook
+
+            def keep_rope(_m, args, kwargs):
+                seen.setdefault("rope", kwargs.get("position_embeddings", args[1] if len(args) > 1 else None))
+
+            hooks = [attn.q_norm.register_forward_hook(keep("q")), attn.k_norm.register_forward_hook(keep("k")),
+                     attn.register_forward_pre_hook(keep_rope, with_kwargs=True)]
+        try:
+            out = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                           pixel_values=pixel_values.to(vision_dtype), image_grid_thw=image_grid_thw,
+                           mm_token_type_ids=mm_token_type_ids, use_cache=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if hooks:
+            self.attention_loss = self.target_attention_loss(seen, input_ids, image_grid_thw, targets, done,
+                                                             torch.stack((x_pos, y_pos), 1))
         hidden = out.last_hidden_state
         hx, hy = hidden[rows, x_pos].float(), hidden[rows, y_pos].float()
         # the heads are fp32 and run outside any autocast (bf16 mixed precision would otherwise cast them down)
@@ -290,6 +334,31 @@ class VLMRegressionModel(nn.Module):
             if self.done_head is not None:
                 outs.append(self.done_head(torch.cat((hx, hy), dim=-1)))
         return torch.cat(outs, dim=-1)
+
+    def target_attention_loss(self, seen, input_ids, image_grid_thw, targets, done, query_pos):
+        """attention_share_loss for the samples with an object left; the target's tokens are those whose centre lies
+        within 3/4 of a token (the language model's image token: patch x merge pixels) of the target point."""
+        cfg = base_of(self.vlm).config
+        token = cfg.vision_config.patch_size * cfg.vision_config.spatial_merge_size
+        grid = image_grid_thw[:, 1:] // cfg.vision_config.spatial_merge_size  # (B, 2) tokens down, across
+        if not (grid == grid[:1]).all() or (image_grid_thw[:, 0] != 1).any():
+            return None  # images of several sizes in one batch: no common shape for the image tokens
+        image_pos = (input_ids == cfg.image_token_id).nonzero()[:, 1].view(input_ids.shape[0], -1)
+        th, tw = grid[0].tolist()
+        cy, cx = torch.div(torch.arange(th * tw, device=input_ids.device), tw, rounding_mode="floor"), \
+            torch.arange(th * tw, device=input_ids.device) % tw
+        centres = torch.stack(((cx + 0.5) * token, (cy + 0.5) * token), 1).float()  # (N, 2) pixels
+        target_px = (targets.float() + 1) / 2 * torch.tensor([tw * token, th * token], device=targets.device)
+        near = torch.cdist(target_px, centres) < 0.75 * token  # (B, N)
+        live = (done < 0.5) if done is not None else torch.ones_like(near[:, 0])
+        if not live.any():
+            return None
+        layer = base_of(self.vlm).model.language_model.layers[-1].self_attn
+        cos, sin = seen["rope"]
+        rows = live.nonzero().flatten()
+        return attention_share_loss(seen["q"][rows], seen["k"][rows], cos[rows], sin[rows], layer.scaling,
+                                    torch.arange(len(rows), device=rows.device), query_pos[rows], image_pos[rows],
+                                    near[rows])
 
     def trainable_groups(self):
         """Named groups of trainable parameters (for the optimizer's two lrs and the gradient-flow check)."""

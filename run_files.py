@@ -43,7 +43,7 @@ RESUME_KEYS = {"base_model": "model_name", "lora_r": "lora_r", "lora_alpha": "lo
                "head_hidden_dim": "head_hidden_dim", "stop_rule": "stop_rule", "mark_style": "mark_style",
                "ordering": "ordering", "min_pixels": "min_pixels", "max_pixels": "max_pixels",
                "load_in_4bit": "load_in_4bit", "train_vision": "train_vision",
-               "coord_loss": "coord_loss"}
+               "coord_loss": "coord_loss", "attention_loss": "attention_loss"}
 
 
 class RunError(Exception):

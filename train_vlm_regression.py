@@ -92,6 +92,9 @@ def parse_args(argv=None):
                    "(default: --lr)")
     g.add_argument("--coord_loss", default="mse", choices=mvr.COORD_LOSSES, help="loss on x and y: mse, or l1 "
                    "(the median: commits to one object where MSE's mean lands between two)")
+    g.add_argument("--attention_loss", type=float, default=0.0,
+                   help="weight of a loss on the last layer's attention from <x> and <y>: -log of its share on the "
+                        "image tokens at the target (0: off); it teaches which object is next, not only where")
     g.add_argument("--warmup_steps", type=int, default=100, help="linear warmup, then cosine decay to 0")
     g.add_argument("--max_minutes", type=float, default=0,
                    help="wall-time budget of the run from the process's start, training and the count at the end "
@@ -171,6 +174,8 @@ def check_args(p, args):
             p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.vision_lr is not None and args.train_vision == "none":
         p.error("--vision_lr needs --train_vision merger or all (the vision tower is frozen)")
+    if args.attention_loss < 0:
+        p.error(f"--attention_loss must be >= 0, got {args.attention_loss}")
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --output_dir and --overwrite clears it: give one of them")
 
@@ -507,7 +512,8 @@ def train_step(run, batch):
     with accelerator.accumulate(run.model):
         pred = run.model(**batch)
         losses = mvr.counting_loss(pred.float(), batch["targets"], batch["done"], run.args.coord_loss)
-        accelerator.backward(losses[0])
+        attention = run.raw_model.attention_loss
+        accelerator.backward(losses[0] if attention is None else losses[0] + run.args.attention_loss * attention)
         if accelerator.sync_gradients:
             if not run.flow_checked:
                 norms = gradient_flow(run.raw_model)
@@ -748,7 +754,7 @@ def main(args, started=None):
         gradient_checkpointing=args.gradient_checkpointing, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
         stop_rule=args.stop_rule, train_vision=args.train_vision)
     model.config.update(ordering=args.ordering, mark_style=args.mark_style, done_fraction=args.done_fraction,
-                        coord_loss=args.coord_loss)
+                        coord_loss=args.coord_loss, attention_loss=args.attention_loss)
     collate = data.make_collate_fn(processor, args.ordering)
     mlp_lr = args.mlp_lr if args.mlp_lr is not None else args.lr * args.mlp_lr_multiplier
     optimizer = build_optimizer(model, args.lr, mlp_lr, args.weight_decay, args.vision_lr)
