@@ -306,7 +306,7 @@ class VLMRegressionModel(nn.Module):
         if self.training and targets is not None and self.config.get("attention_loss"):
             attn = backbone.language_model.layers[-1].self_attn
 
-            def keep(name):  # the first call's output (checkpointing's recompute in backward calls again)
+            def keep(name):  # the output of the layer's forward (the hooks are gone before any recompute)
                 def hook(_m, _args, out):
                     seen.setdefault(name, out)
                 return hook
