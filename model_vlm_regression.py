@@ -239,22 +239,22 @@ def base_of(vlm):
     return vlm.get_base_model() if hasattr(vlm, "get_base_model") else vlm
 
 
-def attention_share_loss(q, k, cos, sin, scaling, rows, query_pos, image_pos, near):
+def attention_share_loss(q, k, cos, sin, scaling, query_pos, image_pos, near, valid):
     """-log of the share of image attention that the queries at query_pos give to the image tokens marked `near`,
     mean over heads, queries and rows: the language model's own attention logits (q and k after its norms, rotated as
     the layer rotates them) restricted to the image tokens, whose softmax there is the share of the layer's attention
     on the image that lands near the target. q (B, L, H, D), k (B, L, Hkv, D): q_norm's and k_norm's outputs; cos, sin
-    the layer's position embeddings; query_pos (B, Q); image_pos, near (B, N) index and mask of each row's image tokens
-    (rows must have the same number: one image size per batch, or the loss is skipped upstream)."""
+    the layer's position embeddings; query_pos (B, Q); image_pos, near, valid (B, N): each row's image tokens, padded
+    to the longest row (valid false on the padding)."""
     from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb
 
     q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (B, H, L, D), (B, Hkv, L, D)
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    qs = q[rows[:, None], :, query_pos]  # (B, Q, H, D)
-    ks = k[rows[:, None], :, image_pos]  # (B, N, H, D)
+    rows = torch.arange(q.shape[0], device=q.device)[:, None]
+    qs, ks = q[rows, :, query_pos], k[rows, :, image_pos]  # (B, Q, H, D), (B, N, H, D)
     logits = torch.einsum("bqhd,bnhd->bqhn", qs.float(), ks.float()) * scaling
-    near = near[:, None, None, :]
-    return (logits.logsumexp(-1) - logits.masked_fill(~near, float("-inf")).logsumexp(-1)).mean()
+    image = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
+    return (image.logsumexp(-1) - image.masked_fill(~near[:, None, None, :], float("-inf")).logsumexp(-1)).mean()
 
 
 class VLMRegressionModel(nn.Module):
@@ -336,29 +336,27 @@ class VLMRegressionModel(nn.Module):
         return torch.cat(outs, dim=-1)
 
     def target_attention_loss(self, seen, input_ids, image_grid_thw, targets, done, query_pos):
-        """attention_share_loss for the samples with an object left; the target's tokens are those whose centre lies
-        within 3/4 of a token (the language model's image token: patch x merge pixels) of the target point."""
-        cfg = base_of(self.vlm).config
-        token = cfg.vision_config.patch_size * cfg.vision_config.spatial_merge_size
-        grid = image_grid_thw[:, 1:] // cfg.vision_config.spatial_merge_size  # (B, 2) tokens down, across
-        if not (grid == grid[:1]).all() or (image_grid_thw[:, 0] != 1).any():
-            return None  # images of several sizes in one batch: no common shape for the image tokens
-        image_pos = (input_ids == cfg.image_token_id).nonzero()[:, 1].view(input_ids.shape[0], -1)
-        th, tw = grid[0].tolist()
-        cy, cx = torch.div(torch.arange(th * tw, device=input_ids.device), tw, rounding_mode="floor"), \
-            torch.arange(th * tw, device=input_ids.device) % tw
-        centres = torch.stack(((cx + 0.5) * token, (cy + 0.5) * token), 1).float()  # (N, 2) pixels
-        target_px = (targets.float() + 1) / 2 * torch.tensor([tw * token, th * token], device=targets.device)
-        near = torch.cdist(target_px, centres) < 0.75 * token  # (B, N)
-        live = (done < 0.5) if done is not None else torch.ones_like(near[:, 0])
-        if not live.any():
+        """attention_share_loss for the samples with an object left (None if there is none); the target's tokens are
+        those whose centre lies within 3/4 of a token (the language model's image token: patch x merge pixels) of the
+        target point. Each row has its own image size."""
+        live = (done < 0.5).nonzero().flatten() if done is not None else torch.arange(len(targets))
+        if not len(live):
             return None
-        layer = base_of(self.vlm).model.language_model.layers[-1].self_attn
+        cfg = base_of(self.vlm).config
+        merge = cfg.vision_config.spatial_merge_size
+        token = cfg.vision_config.patch_size * merge
+        is_image = input_ids[live] == cfg.image_token_id
+        index = torch.arange(int(is_image.sum(1).max()), device=input_ids.device)
+        valid = index < is_image.sum(1, keepdim=True)  # (B, N)
+        image_pos = torch.zeros_like(valid, dtype=torch.long).masked_scatter(valid, is_image.nonzero()[:, 1])
+        th, tw = (image_grid_thw[live, 1:] // merge).unbind(1)  # image tokens down and across
+        centres = torch.stack(((index % tw[:, None] + 0.5) * token, (index // tw[:, None] + 0.5) * token), -1)
+        target_px = (targets[live].float() + 1) / 2 * torch.stack((tw, th), 1) * token
+        near = valid & ((centres - target_px[:, None]).norm(dim=-1) < 0.75 * token)
         cos, sin = seen["rope"]
-        rows = live.nonzero().flatten()
-        return attention_share_loss(seen["q"][rows], seen["k"][rows], cos[rows], sin[rows], layer.scaling,
-                                    torch.arange(len(rows), device=rows.device), query_pos[rows], image_pos[rows],
-                                    near[rows])
+        return attention_share_loss(seen["q"][live], seen["k"][live], cos[live], sin[live],
+                                    base_of(self.vlm).model.language_model.layers[-1].self_attn.scaling,
+                                    query_pos[live], image_pos, near, valid)
 
     def trainable_groups(self):
         """Named groups of trainable parameters (for the optimizer's two lrs and the gradient-flow check)."""

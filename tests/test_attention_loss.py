@@ -20,7 +20,7 @@ def model_and_batch():
     model.config["attention_loss"] = 0.1
     batch = make_batch(processor, [random_image(224, 224, 1), random_image(224, 224, 2)])
     targets = torch.tensor([[-0.5, 0.3], [0.6, -0.7]])
-    return model, batch, targets
+    return model, processor, batch, targets
 
 
 def eager_share_loss(model, batch, targets, rows):
@@ -53,7 +53,7 @@ def eager_share_loss(model, batch, targets, rows):
 def test_attention_loss_is_the_share_of_the_layers_own_attention(model_and_batch):
     """The loss from q and k equals the eager attention's; finished samples are left out; it trains LoRA's q and k of
     the last layer; evaluation and attention_loss 0 compute nothing."""
-    model, batch, targets = model_and_batch
+    model, processor, batch, targets = model_and_batch
     model.train()
     model(**batch, targets=targets, done=torch.zeros(2))
     both = model.attention_loss
@@ -66,6 +66,15 @@ def test_attention_loss_is_the_share_of_the_layers_own_attention(model_and_batch
     last = model.vlm.get_base_model().model.language_model.layers[-1].self_attn
     for proj in (last.q_proj, last.k_proj):
         assert proj.lora_B["default"].weight.grad.abs().sum() > 0
+    # images of different sizes in one batch: each row's own tokens, so the loss is the mean of the single images'
+    images = [random_image(224, 224, 1), random_image(160, 288, 2)]
+    singles = []
+    for i, image in enumerate(images):
+        one = make_batch(processor, [image], names=(("eggs", "apple")[i],), ks=((0, 1)[i],))
+        model(**one, targets=targets[i:i + 1], done=torch.zeros(1))
+        singles.append(model.attention_loss.item())
+    model(**make_batch(processor, images), targets=targets, done=torch.zeros(2))
+    assert model.attention_loss.item() == pytest.approx(np.mean(singles), rel=1e-4)
     model(**batch, targets=targets, done=torch.ones(2))
     assert model.attention_loss is None
     model.eval()
