@@ -324,8 +324,8 @@ class VLMRegressionModel(nn.Module):
             for hook in hooks:
                 hook.remove()
         if hooks:
-            self.attention_loss = self.target_attention_loss(seen, input_ids, image_grid_thw, targets, done,
-                                                             torch.stack((x_pos, y_pos), 1))
+            self.attention_loss = self.target_attention_loss(seen, attn.scaling, input_ids, image_grid_thw, targets,
+                                                             done, torch.stack((x_pos, y_pos), 1))
         hidden = out.last_hidden_state
         hx, hy = hidden[rows, x_pos].float(), hidden[rows, y_pos].float()
         # the heads are fp32 and run outside any autocast (bf16 mixed precision would otherwise cast them down)
@@ -335,7 +335,7 @@ class VLMRegressionModel(nn.Module):
                 outs.append(self.done_head(torch.cat((hx, hy), dim=-1)))
         return torch.cat(outs, dim=-1)
 
-    def target_attention_loss(self, seen, input_ids, image_grid_thw, targets, done, query_pos):
+    def target_attention_loss(self, seen, scaling, input_ids, image_grid_thw, targets, done, query_pos):
         """attention_share_loss for the samples with an object left (None if there is none); the target's tokens are
         those whose centre lies within 3/4 of a token (the language model's image token: patch x merge pixels) of the
         target point. Each row has its own image size."""
@@ -354,9 +354,8 @@ class VLMRegressionModel(nn.Module):
         target_px = (targets[live].float() + 1) / 2 * torch.stack((tw, th), 1) * token
         near = valid & ((centres - target_px[:, None]).norm(dim=-1) < 0.75 * token)
         cos, sin = seen["rope"]
-        return attention_share_loss(seen["q"][live], seen["k"][live], cos[live], sin[live],
-                                    base_of(self.vlm).model.language_model.layers[-1].self_attn.scaling,
-                                    query_pos[live], image_pos, near, valid)
+        return attention_share_loss(seen["q"][live], seen["k"][live], cos[live], sin[live], scaling, query_pos[live],
+                                    image_pos, near, valid)
 
     def trainable_groups(self):
         """Named groups of trainable parameters (for the optimizer's two lrs and the gradient-flow check)."""

@@ -1,5 +1,6 @@
 """--attention_loss: the last layer's attention from <x> and <y> trained towards the target's image tokens. The loss
-equals what the layer's own (eager) attention weights give, skips finished samples, trains LoRA, and a run records it
+equals what the layer's own (eager) attention weights give, skips finished samples, trains LoRA (with gradient
+checkpointing too), and a run records it
 and refuses a resume that changes it."""
 import json
 
@@ -52,7 +53,7 @@ def eager_share_loss(model, batch, targets, rows):
 
 def test_attention_loss_is_the_share_of_the_layers_own_attention(model_and_batch):
     """The loss from q and k equals the eager attention's; finished samples are left out; it trains LoRA's q and k of
-    the last layer; evaluation and attention_loss 0 compute nothing."""
+    the last layer, with gradient checkpointing as without; evaluation and attention_loss 0 compute nothing."""
     model, processor, batch, targets = model_and_batch
     model.train()
     model(**batch, targets=targets, done=torch.zeros(2))
@@ -66,6 +67,19 @@ def test_attention_loss_is_the_share_of_the_layers_own_attention(model_and_batch
     last = model.vlm.get_base_model().model.language_model.layers[-1].self_attn
     for proj in (last.q_proj, last.k_proj):
         assert proj.lora_B["default"].weight.grad.abs().sum() > 0
+    # gradient checkpointing (the layers recomputed in backward): the same loss and the same gradients
+    torch.manual_seed(0)
+    checkpointed, _ = mvr.build_model("tiny-random", lora_r=8, lora_dropout=0.0, mlp_layers=2, head_hidden_dim=64,
+                                      stop_rule="head", gradient_checkpointing=True)
+    checkpointed.config["attention_loss"] = 0.1
+    checkpointed.train()
+    checkpointed(**batch, targets=targets, done=torch.zeros(2))
+    assert checkpointed.attention_loss.item() == pytest.approx(both.item(), rel=1e-5)
+    checkpointed.attention_loss.backward()
+    recomputed = checkpointed.vlm.get_base_model().model.language_model.layers[-1].self_attn
+    for proj, again in ((last.q_proj, recomputed.q_proj), (last.k_proj, recomputed.k_proj)):
+        assert torch.allclose(again.lora_B["default"].weight.grad, proj.lora_B["default"].weight.grad, rtol=1e-4,
+                              atol=1e-7)
     # images of different sizes in one batch: each row's own tokens, so the loss is the mean of the single images'
     images = [random_image(224, 224, 1), random_image(160, 288, 2)]
     singles = []
